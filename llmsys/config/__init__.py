@@ -1,0 +1,107 @@
+"""Typed config: schemas, Hydra registration and conversion of the composed tree.
+
+``register()`` stores the schema as the structured config ``llmsys_schema`` that ``configs/config.yaml``
+names first in its defaults list, so every YAML group and every command-line override is checked
+against the dataclasses in :mod:`llmsys.config.schema`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from llmsys.config.schema import (  # noqa: F401  (re-exported)
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    TrainerConfig,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def llmsys_home() -> Path:
+    """Root of every cache llmsys writes (data, tokenizers, torch extensions, HF): $LLMSYS_HOME or ~/.cache/llmsys."""
+    return Path(os.environ.get("LLMSYS_HOME", Path.home() / ".cache" / "llmsys")).expanduser()
+
+
+def _embedded_corpus(name: str) -> str:
+    from llmsys.data.embedded import embedded_corpus_path
+
+    return str(embedded_corpus_path(name))
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the structured schema and the ``llmsys.corpus`` resolver (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    ConfigStore.instance().store(name="llmsys_schema", node=Config)
+    OmegaConf.register_new_resolver("llmsys.corpus", _embedded_corpus, replace=True)
+    _registered = True
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve interpolations and build the validated dataclass tree (runs every ``__post_init__``)."""
+    register()
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_dir() -> Path:
+    """The YAML tree: ``configs/`` of a source checkout, else the copy installed as ``llmsys/configs``."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "configs", package / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no configs/config.yaml next to {package}; reinstall llmsys")
+
+
+def unknown_override_error(overrides: list[str]) -> str | None:
+    """A message naming the first override whose key is not in the schema, with the valid keys listed.
+
+    Hydra rejects such keys too, but names only the key; listing the alternatives turns a typo
+    (``optim.lrr=1``) into a one-look fix. Group choices (``model=tiny``), ``+``/``~`` overrides and
+    free-form dicts (``deepspeed.extra.*``) are left to Hydra.
+    """
+    import dataclasses
+    import typing
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return None  # malformed: Hydra reports it with its own grammar error
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.package or "." not in key:
+            continue
+        node: typing.Any = Config
+        path = []
+        for part in key.split("."):
+            if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+                break  # below a dict/list/scalar field: Hydra checks the rest
+            fields = {f.name: f for f in dataclasses.fields(node)}
+            if part not in fields:
+                where = ".".join(path) or "the top level"
+                return (f"unknown config key '{key}': '{part}' is not a field of {where}. "
+                        f"Valid keys of {where}: {', '.join(sorted(fields))}")
+            path.append(part)
+            node = typing.get_type_hints(node).get(part)
+    return None

@@ -1,0 +1,290 @@
+"""Typed configuration schema: one dataclass per component.
+
+The YAML files under ``configs/`` only select and override these schemas; Hydra validates every
+override against them (unknown keys and wrong types fail at start). ``__post_init__`` checks run
+when the composed tree is converted to objects by :func:`llmsys.config.to_config`, so each
+component receives a validated object of its own type, never the whole tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+# Stages that have a trainer in this version. Later stages (sft, reward, ppo, dpo) add theirs here.
+STAGES = ("pretrain",)
+ATTENTION_IMPLS = ("sdpa",)
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and what was expected."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: Any, choices: tuple, key: str) -> None:
+    _check(value in choices, key, f"got {value!r}, expected one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    """Which training stage runs: pretrain (sft, reward, ppo and dpo follow in later versions)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, STAGES, "stage.name")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Label used in the run directory and the exported config."""
+    vocab_size: int = 0
+    """Embedding rows. 0 takes the tokenizer's size rounded up to ``pad_vocab_multiple``."""
+    pad_vocab_multiple: int = 64
+    """When ``vocab_size`` is taken from the tokenizer, round it up to a multiple of this."""
+    dim: int = 256
+    """Hidden size (d_model)."""
+    n_layers: int = 4
+    """Number of decoder blocks."""
+    n_heads: int = 8
+    """Query heads."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads (multi-head attention)."""
+    ffn_dim: int = 0
+    """SwiGLU hidden size; 0 uses the Llama rule (2/3 of 4*dim, rounded up to ffn_multiple_of)."""
+    ffn_multiple_of: int = 256
+    """Rounding for the Llama ffn rule."""
+    max_seq_len: int = 256
+    """Longest sequence the rotary tables are built for."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base (Llama 2: 1e4, Llama 3: 5e5)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output projection."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
+    attention: str = "sdpa"
+    """Attention implementation: sdpa (torch scaled_dot_product_attention)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
+    init_from: Optional[str] = None
+    """Start from an exported llmsys model directory (``.../final``) instead of random weights."""
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple", "ffn_multiple_of"):
+            _check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+        _check(self.ffn_dim >= 0, "model.ffn_dim", "must be >= 0 (0 = Llama rule)")
+        _check(self.dim % self.n_heads == 0, "model.dim",
+               f"{self.dim} is not divisible by model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0, "model.dim",
+               f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None:
+            _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+                   f"{self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
+        _one_of(self.attention, ATTENTION_IMPLS, "model.attention")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    """Label used in the run directory."""
+    path: Optional[str] = None
+    """Local .txt/.md/.jsonl/.parquet file or a folder of them. Exactly one of path/dataset."""
+    dataset: Optional[str] = None
+    """A Hugging Face `datasets` name (or local dataset directory) instead of ``path``."""
+    dataset_config: Optional[str] = None
+    """The `datasets` configuration name, if the dataset has several."""
+    split: str = "train"
+    """The `datasets` split to read."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.parquet rows and `datasets` rows."""
+    tokenizer: Optional[str] = None
+    """Local tokenizer directory (tokenizer.json) or hub name; None trains a byte-level BPE on the corpus."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size of the BPE trained when ``tokenizer`` is None."""
+    seq_len: int = 256
+    """Tokens per training sequence (block length)."""
+    val_fraction: float = 0.05
+    """Fraction of the token stream (taken from its end) held out for validation."""
+    num_proc: int = 2
+    """Worker processes for tokenisation."""
+    cache_dir: Optional[str] = None
+    """Where tokenizers and packed token files are cached; None uses $LLMSYS_HOME/data."""
+
+    def __post_init__(self) -> None:
+        _check((self.path is None) != (self.dataset is None), "data.path",
+               f"set exactly one of data.path and data.dataset (got path={self.path!r}, "
+               f"dataset={self.dataset!r})")
+        _check(self.seq_len > 1, "data.seq_len", f"must be > 1, got {self.seq_len}")
+        _check(0.0 < self.val_fraction < 0.5, "data.val_fraction",
+               f"must be in (0, 0.5), got {self.val_fraction}")
+        _check(self.num_proc >= 1, "data.num_proc", "must be >= 1")
+        _check(self.bpe_vocab_size >= 260, "data.bpe_vocab_size",
+               f"must be >= 260 (256 bytes + special tokens), got {self.bpe_vocab_size}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer (AdamW; DeepSpeed's CPU Adam when the optimizer state is offloaded)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; not applied to norms."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
+    schedule: str = "cosine"
+    """Decay after warm-up: cosine, linear or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("adamw",), "optim.name")
+        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "optim.betas",
+               f"expected two values in [0, 1), got {list(self.betas)}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _one_of(self.schedule, SCHEDULES, "optim.schedule")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "outputs/${stage.name}-${model.name}-${data.name}"
+    """Run directory: config, metrics, checkpoints and the final export. Same on every rank."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks (micro_batch_size * world_size * grad accumulation)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank."""
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 weights/activations with fp32 master weights and optimizer state)."""
+    seed: int = 1234
+    """Seeds the model init and the data order."""
+    resume: str = "none"
+    """none, auto (latest checkpoint in output_dir, if any) or a checkpoint directory."""
+    save_every: int = 500
+    """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep; older ones are deleted after a newer one is complete."""
+    eval_every: int = 100
+    """Evaluate on the validation split every N steps (and at the end); 0 disables."""
+    eval_samples: int = 64
+    """Validation sequences per evaluation (0 or more than the split: all of them)."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device, for MFU. None: looked up for known GPUs, else MFU is not reported."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
+            _check(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
+        for key in ("save_every", "eval_every", "eval_samples"):
+            _check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.global_batch_size % self.micro_batch_size == 0, "trainer.global_batch_size",
+               f"{self.global_batch_size} is not a multiple of trainer.micro_batch_size={self.micro_batch_size}")
+        _one_of(self.precision, PRECISIONS, "trainer.precision")
+        _check(bool(self.resume), "trainer.resume", "expected none, auto or a checkpoint path")
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+gradients), 3 (+parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory and step it with DeepSpeed's CPU Adam (stage >= 1)."""
+    offload_param: bool = False
+    """Keep parameters in CPU memory between uses (stage 3 only)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with the backward pass."""
+    contiguous_gradients: bool = True
+    """Copy gradients into a contiguous buffer as they are produced."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduction bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket (stages 1-2)."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters prefetched ahead of use (stage 3)."""
+    stage3_param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay unpartitioned (stage 3)."""
+    backend: Optional[str] = None
+    """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
+    timeout_minutes: int = 30
+    """Collective timeout: a rank that stops answering ends the job instead of hanging forever."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged last (for knobs without a field here)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.stage, (0, 1, 2, 3), "deepspeed.stage")
+        _check(not self.offload_optimizer or self.stage >= 1, "deepspeed.offload_optimizer",
+               "needs ZeRO stage >= 1")
+        _check(not self.offload_param or self.stage == 3, "deepspeed.offload_param", "needs ZeRO stage 3")
+        _check(self.timeout_minutes > 0, "deepspeed.timeout_minutes", "must be positive")
+
+
+@dataclass
+class LoggerConfig:
+    progress: bool = True
+    """Show a live progress bar (rank 0)."""
+    wandb: bool = False
+    """Log metrics to Weights & Biases as well as metrics.jsonl."""
+    wandb_mode: str = "offline"
+    """offline (no network; `wandb sync` later), online, or disabled."""
+    wandb_project: str = "llmsys"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); None uses the account default."""
+    run_name: Optional[str] = None
+    """Run name shown in W&B; None uses the output directory's name."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.wandb_mode, WANDB_MODES, "logger.wandb_mode")
+
+
+@dataclass
+class Config:
+    stage: StageConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+               f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

@@ -1,0 +1,67 @@
+"""Data for every training stage; this version: the pre-training path.
+
+``sources`` reads documents (local .txt/.md/.jsonl/.parquet or a `datasets` source), ``tokenizer``
+loads or trains the tokenizer, ``pretrain`` packs token files into a cache and serves blocks, and
+``embedded`` finds corpora shipped inside installed packages. ``cache`` holds the atomic,
+content-addressed cache directories they share.
+"""
+from llmsys.data.cache import data_cache_root
+from llmsys.data.embedded import EMBEDDED_CORPORA, embedded_corpus_path
+from llmsys.data.pretrain import (
+    BlockSampler,
+    PretrainData,
+    TokenBlocks,
+    collate_blocks,
+    load_pretrain_data,
+    prepare_pretrain_data,
+    token_dtype,
+)
+from llmsys.data.sources import (
+    SUPPORTED_EXTENSIONS,
+    DataError,
+    HFDataset,
+    LocalFiles,
+    iter_documents,
+    open_source,
+    source_fingerprint,
+)
+from llmsys.data.tokenizer import (
+    EOS_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
+
+__all__ = [
+    "BlockSampler",
+    "DataError",
+    "EMBEDDED_CORPORA",
+    "EOS_TOKEN",
+    "HFDataset",
+    "IM_END_TOKEN",
+    "IM_START_TOKEN",
+    "LocalFiles",
+    "PAD_TOKEN",
+    "PretrainData",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_EXTENSIONS",
+    "TokenBlocks",
+    "Tokenizer",
+    "collate_blocks",
+    "data_cache_root",
+    "embedded_corpus_path",
+    "get_tokenizer",
+    "iter_documents",
+    "load_pretrain_data",
+    "load_tokenizer",
+    "open_source",
+    "prepare_pretrain_data",
+    "source_fingerprint",
+    "token_dtype",
+    "train_bpe_tokenizer",
+]

@@ -1,0 +1,148 @@
+"""Process environment: caches, the accelerator choice and the process group.
+
+Everything here runs before DeepSpeed is imported, because DeepSpeed reads ``DS_ACCELERATOR`` and
+``TORCH_EXTENSIONS_DIR`` at import time.
+"""
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from llmsys.config import DeepSpeedConfig, llmsys_home
+
+log = logging.getLogger(__name__)
+
+
+def setup_environment() -> None:
+    """Point every cache at $LLMSYS_HOME and pick DeepSpeed's accelerator. Idempotent; never overrides the user.
+
+    - torch extensions (DeepSpeed's CPU comm op, CPU Adam): built once (~1 min cold), reused after;
+    - Hugging Face (datasets, hub) and wandb caches: one known place instead of ~/.cache and the cwd;
+    - ``DS_ACCELERATOR=cpu`` when no CUDA device is visible, so the same code runs on a laptop.
+    """
+    home = llmsys_home()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home / "torch_extensions"))
+    os.environ.setdefault("HF_HOME", str(home / "hf"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(home / "hf" / "datasets"))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(home / "wandb_cache"))
+    os.environ.setdefault("WANDB_CONFIG_DIR", str(home / "wandb_config"))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only rank that writes logs, metrics, configs and exports."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """First rank on this node: builds node-local caches (tokenizer, packed data)."""
+        return self.local_rank == 0
+
+
+def init_distributed(cfg: DeepSpeedConfig) -> DistInfo:
+    """Join (or create) the process group under torchrun, the deepspeed launcher, SLURM or no launcher.
+
+    A plain ``python -m llmsys.train`` gets a one-process group on a free local port, so the same code
+    path (DeepSpeed engine, collectives) runs everywhere.
+    """
+    setup_environment()
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        # srun starts one task per GPU without torchrun: translate SLURM's variables.
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1"))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+
+    import deepspeed  # after setup_environment: reads DS_ACCELERATOR at import
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = cfg.backend or "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = cfg.backend or "gloo"  # DeepSpeed's CPU default (ccl) needs oneCCL, which PyPI lacks
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=cfg.timeout_minutes))
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank (used for paths decided by one rank)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a small tensor on this rank's device (losses and counts for logging/eval)."""
+    values = values.detach().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values
+
+
+def _shm_buffer_paths(rank: int) -> list[Path]:
+    # DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates
+    # /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (~69 MB) and never unlinks it.
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    return [Path("/dev/shm") / name]
+
+
+def shutdown(dist: Optional[DistInfo], clean: bool = True) -> None:
+    """Leave the process group and remove what DeepSpeed's CPU comm op left in /dev/shm.
+
+    ``clean=False`` (this rank failed) skips the final barrier: the other ranks will not reach it,
+    and the launcher ends them when this process exits non-zero.
+    """
+    if torch.distributed.is_initialized():
+        if clean:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if dist is not None and dist.device.type == "cpu":
+        for path in _shm_buffer_paths(dist.rank):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                log.warning("could not remove %s (owned by %s?)", path, getpass.getuser())

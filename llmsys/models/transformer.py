@@ -1,0 +1,210 @@
+"""A Llama-family decoder in plain PyTorch.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary position embeddings -> RMSNorm
+-> SwiGLU MLP (Touvron et al. 2023, "Llama 2"; Shazeer 2020 for SwiGLU; Su et al. 2021 for RoPE;
+Ainslie et al. 2023 for GQA). The module knows nothing of parallelism: DeepSpeed wraps it from
+``llmsys.distributed``.
+
+Weights are initialised inside each module's own ``__init__`` (not by a later ``apply``): under
+ZeRO-3, ``deepspeed.zero.Init`` partitions a module's parameters as soon as its constructor returns,
+so initialisation that runs afterwards would touch empty shards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmsys.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer with a normal(0, std) init done in the constructor (see module doc)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float):
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num_embeddings: int, dim: int, std: float):
+        super().__init__(num_embeddings, dim)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (seq_len, head_dim // 2) in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) by position, GPT-NeoX/Llama half layout: pairs are (i, i + D/2).
+
+    cos, sin: (T, D/2). Computed in fp32 and cast back.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+        if cfg.attention != "sdpa":  # the schema already refuses others; keep the model honest too
+            raise ValueError(f"model.attention={cfg.attention!r} is not implemented")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # SDPA wants (B, H, T, D); enable_gqa broadcasts the kv heads without copying them.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.hidden_dim
+        self.w1 = Linear(cfg.dim, hidden, cfg.init_std)
+        self.w3 = Linear(cfg.dim, hidden, cfg.init_std)
+        self.w2 = Linear(hidden, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. ``cfg.vocab_size`` must be resolved (> 0) before construction."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model; "
+                             "see llmsys.models.resolve_vocab_size")
+        self.cfg = cfg
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Not a buffer: ZeRO-3 would treat it as model state and bf16 casting would degrade it.
+        key = (seq_len, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope_cache[key]
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, dim) final-norm hidden states."""
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self._rope(T, input_ids.device)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V) when ``labels`` is None, else the mean next-token loss over labels != -100.
+
+        ``labels`` are already aligned with ``input_ids`` (labels[t] is the token after input_ids[t]).
+        """
+        logits = self.output(self.hidden_states(input_ids))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    """The embedding size for this tokenizer: the configured size, or the tokenizer's rounded up."""
+    if cfg.vocab_size == 0:
+        m = cfg.pad_vocab_multiple
+        return m * ((tokenizer_vocab + m - 1) // m)
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({tokenizer_vocab}); set model.vocab_size=0 to size it from the tokenizer")
+    return cfg.vocab_size
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Closed-form parameter count (unique tensors, tied embeddings counted once)."""
+    d, L, V, hd = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo + wk, wv
+    mlp = 3 * d * cfg.hidden_dim
+    per_layer = attn + mlp + 2 * d  # two RMSNorm weights
+    embedding = V * d
+    output = 0 if cfg.tie_embeddings else V * d
+    total = embedding + L * per_layer + d + output
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM appendix B: 6 * N + 12 * L * H * Q * T.
+
+    N counts every weight used in a matmul: all parameters but the embedding lookup, plus the output
+    projection even when it is tied (its matmul runs either way). The second term is attention's
+    score and value matmuls (H heads of size Q over T positions), forward and backward. Causal
+    masking is not discounted, as in PaLM and nanoGPT, so MFU is comparable with theirs.
+    """
+    n = count_parameters(cfg)
+    matmul_params = n["non_embedding"] + (cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0)
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

@@ -1,0 +1,173 @@
+"""Pieces every trainer composes: the run directory, metrics (JSONL, progress bar, wandb), throughput/MFU.
+
+Only rank 0 writes. Other ranks get the same objects with writing disabled, so the loops need no
+``if rank == 0`` around each call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from llmsys.config import Config, LoggerConfig, to_yaml
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+# Peak dense bf16 tensor-core TFLOP/s per device, from the vendors' data sheets (SXM parts).
+# MFU is reported against these (PaLM's convention); CPUs have no entry: set trainer.peak_tflops.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+}
+
+
+def device_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for chip, tflops in PEAK_BF16_TFLOPS.items():
+        if chip in name:
+            return tflops
+    return None
+
+
+def write_run_config(output_dir: Path, config: Config, extra_files: dict[str, str]) -> None:
+    """Save the resolved config (and e.g. the DeepSpeed JSON) so the run can be reproduced."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(to_yaml(config))
+    for name, text in extra_files.items():
+        (output_dir / name).write_text(text)
+
+
+class Throughput:
+    """Tokens/s and MFU over the interval since the last report; pauses (eval, saving) are excluded."""
+
+    def __init__(self, flops_per_token: int, peak_tflops: Optional[float], world_size: int):
+        self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start: Optional[float] = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        """Count ``tokens`` (all ranks together) processed since :meth:`start`."""
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+        self.tokens += tokens
+
+    def report(self) -> dict[str, Optional[float]]:
+        tps = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        mfu = None
+        if self.peak_tflops:
+            mfu = tps * self.flops_per_token / (self.peak_tflops * 1e12 * self.world_size)
+        self.tokens, self.seconds = 0, 0.0
+        return {"tokens_per_sec": tps, "tokens_per_sec_per_device": tps / self.world_size, "mfu": mfu}
+
+
+class MetricsLogger:
+    """metrics.jsonl (always), a live progress bar (TTY) or periodic lines (logs), and optional wandb."""
+
+    def __init__(self, output_dir: Path, cfg: LoggerConfig, *, enabled: bool, total_steps: int,
+                 start_step: int, run_config: dict[str, Any]):
+        self.enabled = enabled
+        self.path = output_dir / METRICS_FILE
+        self._progress = None
+        self._task = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        if cfg.progress:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            console = Console(stderr=True)
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console, disable=not console.is_terminal)
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._progress.start()
+        if cfg.wandb and cfg.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(output_dir))
+            self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                     name=cfg.run_name or output_dir.name, dir=str(output_dir),
+                                     mode=cfg.wandb_mode, config=run_config, resume="allow",
+                                     id=_wandb_id(output_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
+        if not self.path.exists():
+            return
+        if step == 0:
+            self.path.unlink()
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, row: dict[str, Any], *, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {k: v for k, v in row.items() if v is not None}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if echo:
+            text = "  ".join(_fmt(k, v) for k, v in row.items())
+            if self._progress is not None and self._progress.console.is_terminal:
+                self._progress.console.print(text)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
+    def advance(self, step: int, stats: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step,
+                                  stats="  ".join(_fmt(k, v) for k, v in stats.items() if v is not None))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_id(output_dir: Path) -> str:
+    # Deterministic per run directory, so a resumed run continues the same W&B run.
+    import hashlib
+
+    return hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key}={value:.2e}"
+        if key == "mfu":
+            return f"{key}={100 * value:.1f}%"
+        if key.startswith("tokens_per_sec"):
+            return f"{key}={value:,.0f}"
+        return f"{key}={value:.4f}"
+    return f"{key}={value}"
