@@ -14,7 +14,8 @@ from omegaconf import MISSING
 
 # Stages that have a trainer in this version. Later stages (sft, reward, ppo, dpo) add theirs here.
 STAGES = ("pretrain",)
-ATTENTION_IMPLS = ("sdpa",)
+ATTENTION_IMPLS = ("sdpa", "triton", "flash_attn")
+LOSS_IMPLS = ("eager", "fused")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -73,7 +74,11 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
     attention: str = "sdpa"
-    """Attention implementation: sdpa (torch scaled_dot_product_attention)."""
+    """Attention: sdpa (torch scaled_dot_product_attention), triton (llmsys's fused FlashAttention-2
+    kernel; interpreted on CPU) or flash_attn (the flash-attn package, CUDA only)."""
+    loss: str = "eager"
+    """LM loss: eager (logits, then cross-entropy) or fused (llmsys's chunked linear+cross-entropy
+    kernel, which never holds the full tokens x vocabulary logits)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
     init_from: Optional[str] = None
@@ -93,6 +98,18 @@ class ModelConfig:
                    f"{self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _one_of(self.attention, ATTENTION_IMPLS, "model.attention")
+        _one_of(self.loss, LOSS_IMPLS, "model.loss")
+        if self.attention == "flash_attn":
+            import importlib.util
+
+            _check(importlib.util.find_spec("flash_attn") is not None, "model.attention",
+                   "flash_attn needs the flash-attn package (pip install 'llmsys[gpu]' on a CUDA machine); "
+                   "use model.attention=triton or sdpa")
+        if self.attention == "triton" or self.loss == "fused":
+            import importlib.util
+
+            _check(importlib.util.find_spec("triton") is not None, "model.attention" if self.attention == "triton"
+                   else "model.loss", "needs the triton package, which has wheels for Linux only")
 
     @property
     def kv_heads(self) -> int:

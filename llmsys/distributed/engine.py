@@ -261,16 +261,19 @@ class Engine:
     # --- export ---------------------------------------------------------------------------------
 
     def _load_module_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Copy full weights into a (possibly ZeRO-3 partitioned) model before the engine wraps it."""
+        """Copy full weights into a (possibly ZeRO-3 partitioned) model before the engine wraps it.
+
+        Collective under ZeRO-3: every rank calls it; only rank 0 needs ``state`` (others pass ``{}``).
+        """
         import deepspeed
 
         missing = [n for n, _ in model.named_parameters() if n not in state]
-        if missing:
+        if state and missing:
             raise KeyError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
         params = dict(model.named_parameters())
         for name, p in params.items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.ds_cfg.stage == 3):
-                if self.dist.is_main or self.ds_cfg.stage != 3:
+                if state:
                     src = state[name]
                     if src.shape != p.shape:
                         raise ValueError(f"initial weight {name} has shape {tuple(src.shape)}, "

@@ -26,7 +26,8 @@ def setup_environment() -> None:
 
     - torch extensions (DeepSpeed's CPU comm op, CPU Adam): built once (~1 min cold), reused after;
     - Hugging Face (datasets, hub) and wandb caches: one known place instead of ~/.cache and the cwd;
-    - ``DS_ACCELERATOR=cpu`` when no CUDA device is visible, so the same code runs on a laptop.
+    - ``DS_ACCELERATOR=cpu`` and ``TRITON_INTERPRET=1`` when no CUDA device is visible, so the same code
+      (DeepSpeed engine, Triton kernels) runs on a laptop.
     """
     home = llmsys_home()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home / "torch_extensions"))
@@ -36,6 +37,9 @@ def setup_environment() -> None:
     os.environ.setdefault("WANDB_CONFIG_DIR", str(home / "wandb_config"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Triton compiles for GPUs only; on a CPU its kernels run interpreted. The switch must be set
+        # before anything (DeepSpeed does) imports triton.language.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

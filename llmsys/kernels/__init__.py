@@ -8,28 +8,31 @@ switched on before any ``@triton.jit`` function is defined. Importing this packa
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton.language" in sys.modules:
+        # Triton's own library functions were already defined for compilation (by whoever imported
+        # triton first, e.g. DeepSpeed); the interpreter cannot run them. Refuse rather than crash later.
+        raise RuntimeError("no CUDA device, so llmsys's Triton kernels need Triton's interpreter, but triton was "
+                           "imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1, or import "
+                           "llmsys.kernels (or call llmsys.distributed.setup_environment) before triton")
+    os.environ["TRITON_INTERPRET"] = "1"
 
-_EXPORTS = {
-    "flash_attention": "llmsys.kernels.flash_attention",
-    "flash_attention_ref": "llmsys.kernels.flash_attention",
-    "fused_linear_cross_entropy": "llmsys.kernels.cross_entropy",
-    "fused_linear_cross_entropy_ref": "llmsys.kernels.cross_entropy",
-    "linear_logprobs": "llmsys.kernels.cross_entropy",
-    "linear_logprobs_ref": "llmsys.kernels.cross_entropy",
-}
-__all__ = sorted(_EXPORTS)
+# Eager imports on purpose: a module and its public function share a name (flash_attention), and
+# binding the function here, after the submodule import, keeps `from llmsys.kernels import
+# flash_attention` the function however the submodule was first imported.
+from llmsys.kernels.cross_entropy import (  # noqa: E402
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+    linear_logprobs,
+    linear_logprobs_ref,
+)
+from llmsys.kernels.flash_attention import flash_attention, flash_attention_ref  # noqa: E402
 
-
-def __getattr__(name: str):
-    # Each op's module (and Triton with it) is imported on first use, so `import llmsys.kernels`
-    # is cheap and one op's import problem never hides the others.
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llmsys.kernels' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = [
+    "flash_attention", "flash_attention_ref", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
+    "linear_logprobs", "linear_logprobs_ref",
+]

@@ -12,6 +12,7 @@ so initialisation that runs afterwards would touch empty shards.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,6 +37,25 @@ class Embedding(nn.Embedding):
     def __init__(self, num_embeddings: int, dim: int, std: float):
         super().__init__(num_embeddings, dim)
         nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class OutputHead(Linear):
+    """The LM head. The loss is computed inside its forward so that, under ZeRO-3, DeepSpeed has
+    gathered the (possibly tied) weight when the fused kernel reads it."""
+
+    def __init__(self, dim: int, vocab_size: int, std: float, fused_loss: bool):
+        super().__init__(dim, vocab_size, std)
+        self.fused_loss = fused_loss
+
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return F.linear(hidden, self.weight)
+        if self.fused_loss:
+            from llmsys.kernels import fused_linear_cross_entropy
+
+            return fused_linear_cross_entropy(hidden, self.weight, labels, ignore_index=IGNORE_INDEX)
+        logits = F.linear(hidden, self.weight)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class RMSNorm(nn.Module):
@@ -72,30 +92,81 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+@dataclass
+class Packing:
+    """Sequence boundaries of a packed row: ``cu_seqlens`` int32 (S + 1,), as flash-attn's varlen API."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    positions: torch.Tensor  # (T,) position of each token within its own sequence (RoPE restarts at 0)
+    mask: Optional[torch.Tensor]  # (T, T) block-diagonal causal mask, built only for the SDPA path
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, build_mask: bool) -> "Packing":
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 or len(cu_seqlens) < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor [0, end_1, ..., total]")
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu_seqlens.tolist()}")
+        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+        positions = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seq_id]
+        mask = None
+        if build_mask:
+            same = seq_id[:, None] == seq_id[None, :]
+            mask = same & (positions[:, None] >= positions[None, :])
+        return cls(cu_seqlens, int(lengths.max()), positions, mask)
+
+
 class Attention(nn.Module):
+    """Grouped-query causal self-attention; the kernel is chosen by ``model.attention``.
+
+    Packed batches (several sequences concatenated in one row, B == 1) pass ``cu_seqlens`` so that no
+    token attends across a sequence boundary: the Triton and flash-attn kernels take it natively,
+    SDPA gets the equivalent block-diagonal causal mask (exact, but O(T^2) memory).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.impl = cfg.attention
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
         self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
-        if cfg.attention != "sdpa":  # the schema already refuses others; keep the model honest too
-            raise ValueError(f"model.attention={cfg.attention!r} is not implemented")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
+                ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # SDPA wants (B, H, T, D); enable_gqa broadcasts the kv heads without copying them.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        if self.impl == "sdpa":
+            # SDPA wants (B, H, T, D); enable_gqa broadcasts the kv heads without copying them.
+            mask = None if packing is None else packing.mask
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2)
+        elif self.impl == "triton":
+            from llmsys.kernels import flash_attention
+
+            if packing is None:
+                out = flash_attention(q, k, v, causal=True)
+            else:
+                out = flash_attention(q[0], k[0], v[0], causal=True, cu_seqlens=packing.cu_seqlens,
+                                      max_seqlen=packing.max_seqlen).unsqueeze(0)
+        else:  # flash_attn (the schema checked that the package is installed)
+            import flash_attn
+
+            if packing is None:
+                out = flash_attn.flash_attn_func(q, k, v, causal=True)
+            else:
+                out = flash_attn.flash_attn_varlen_func(
+                    q[0], k[0], v[0], packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
+                    packing.max_seqlen, causal=True).unsqueeze(0)
+        return self.wo(out.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -120,8 +191,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
+                ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, packing)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -137,7 +209,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        self.output = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, fused_loss=cfg.loss == "fused")
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -149,29 +221,43 @@ class Transformer(nn.Module):
             self._rope_cache[key] = rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         return self._rope_cache[key]
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, dim) final-norm hidden states."""
-        T = input_ids.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self._rope(T, input_ids.device)
+    def hidden_states(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, dim) final-norm hidden states.
+
+        With ``cu_seqlens`` the batch is one packed row (B == 1) of several sequences: positions restart
+        at every sequence start and attention stays inside each sequence.
+        """
+        B, T = input_ids.shape
+        packing = None
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"a packed batch with cu_seqlens must have batch size 1, got {B}")
+            packing = Packing.from_cu_seqlens(cu_seqlens, T, build_mask=self.cfg.attention == "sdpa")
+            if packing.max_seqlen > self.cfg.max_seq_len:
+                raise ValueError(f"a packed sequence of {packing.max_seqlen} tokens exceeds "
+                                 f"model.max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self._rope(self.cfg.max_seq_len, input_ids.device)
+            cos, sin = cos[packing.positions], sin[packing.positions]
+        else:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self._rope(T, input_ids.device)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, packing, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, packing)
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V) when ``labels`` is None, else the mean next-token loss over labels != -100.
 
         ``labels`` are already aligned with ``input_ids`` (labels[t] is the token after input_ids[t]).
+        With ``model.loss=fused`` the loss never materialises the (B*T, V) logits.
         """
-        logits = self.output(self.hidden_states(input_ids))
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return self.output(self.hidden_states(input_ids, cu_seqlens), labels)
 
 
 def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:

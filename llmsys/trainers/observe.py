@@ -167,7 +167,7 @@ def _fmt(key: str, value: Any) -> str:
             return f"{key}={value:.2e}"
         if key == "mfu":
             return f"{key}={100 * value:.1f}%"
-        if key.startswith("tokens_per_sec"):
+        if key.startswith("tokens_per_sec") or key == "tok/s":
             return f"{key}={value:,.0f}"
         return f"{key}={value:.4f}"
     return f"{key}={value}"

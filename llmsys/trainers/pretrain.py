@@ -87,8 +87,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         saved = read_config(cfg.model.init_from)
         model_cfg = dataclasses.replace(saved, activation_checkpointing=cfg.model.activation_checkpointing,
                                         init_from=cfg.model.init_from)
-        if dist.is_main or cfg.deepspeed.stage != 3:
-            init_state = load_state(cfg.model.init_from, saved)
+        # Under ZeRO-3 rank 0 reads the file and every rank joins the gathered copy (an empty dict elsewhere).
+        init_state = load_state(cfg.model.init_from, saved) if dist.is_main or cfg.deepspeed.stage != 3 else {}
     model_cfg = dataclasses.replace(model_cfg, vocab_size=resolve_vocab_size(model_cfg, data.tokenizer.vocab_size))
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
@@ -109,13 +109,13 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
     n_params = count_parameters(model_cfg)
     fpt = flops_per_token(model_cfg, cfg.data.seq_len)
-    logger = MetricsLogger(out, cfg.logger, enabled=dist.is_main, total_steps=tcfg.max_steps, start_step=start_step,
-                           run_config={**dataclasses.asdict(cfg), "n_params": n_params["total"]})
     log.info("model %s: %.2fM parameters (%.2fM non-embedding), %d train / %d val blocks of %d tokens, "
              "world size %d, %d micro-batches of %d per rank per step",
              model_cfg.name, n_params["total"] / 1e6, n_params["non_embedding"] / 1e6, len(data.train),
              len(data.val), cfg.data.seq_len, dist.world_size, engine.gradient_accumulation_steps,
              tcfg.micro_batch_size)
+    logger = MetricsLogger(out, cfg.logger, enabled=dist.is_main, total_steps=tcfg.max_steps, start_step=start_step,
+                           run_config={**dataclasses.asdict(cfg), "n_params": n_params["total"]})
 
     meter = Throughput(fpt, device_peak_tflops(dist.device, tcfg.peak_tflops), dist.world_size)
     sampler = BlockSampler(len(data.train), tcfg.seed)
@@ -127,6 +127,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
     engine.train()
     window_loss = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    bar: dict = {}
     started = time.perf_counter()
     for step in range(start_step, tcfg.max_steps):
         meter.start()
@@ -147,11 +148,11 @@ def run(cfg: Config, dist: DistInfo) -> dict:
             row = {"step": done, "loss": loss_sum / count, "lr": engine.lr, "grad_norm": engine.grad_norm(),
                    **meter.report(), "tokens": done * tokens_per_step}
             logger.log(row)
-            logger.advance(done, {"loss": row["loss"], "val": last_val, "tok/s": row["tokens_per_sec"],
-                                  "mfu": row["mfu"]})
+            bar = {"loss": row["loss"], "tok/s": row["tokens_per_sec"], "mfu": row["mfu"]}
         if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
             last_val = evaluate(engine, data.val, cfg, dist)
             logger.log({"step": done, "val_loss": last_val})
+        logger.advance(done, {**bar, "val_loss": last_val})
         if (tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps:
             engine.save_checkpoint(ckpt_root, done, {"samples_seen": done * tcfg.global_batch_size,
                                                      "tokens_seen": done * tokens_per_step},

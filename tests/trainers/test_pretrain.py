@@ -163,3 +163,28 @@ def test_missing_data_path_fails_with_the_path(tmp_path):
     proc = train(tmp_path / "run", ["data=files", f"data.path={missing}"], check=False)
     assert proc.returncode != 0
     assert str(missing) in proc.stderr
+
+
+@pytest.mark.parametrize("stage,nproc", [(0, 1), (3, 2)])
+def test_init_from_export_starts_where_the_previous_run_ended(tmp_path, stage, nproc):
+    common = ["trainer.eval_every=4", "trainer.eval_samples=16", "trainer.global_batch_size=8",
+              "trainer.micro_batch_size=4"]
+    first = tmp_path / "first"
+    train(first, common + ["trainer.max_steps=4"])
+    second = tmp_path / "second"
+    # Under ZeRO-3 on 2 ranks the weights are loaded into partitioned parameters (gathered, copied on rank 0).
+    train(second, common + ["trainer.max_steps=4", f"model.init_from={first / 'final'}", f"deepspeed=zero{stage}"],
+          nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+    assert val_losses(second)[0] == pytest.approx(val_losses(first)[4], rel=1e-5)
+    assert val_losses(second)[4] < val_losses(second)[0]
+
+
+def test_triton_attention_and_fused_loss_train_like_the_reference(tmp_path):
+    # On CPU the Triton kernels run interpreted (slow): few, small steps; the comparison is exact math.
+    common = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3", "trainer.eval_samples=4",
+              "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "optim.warmup_steps=1"]
+    train(tmp_path / "ref", common)
+    train(tmp_path / "kernels", common + ["model.attention=triton", "model.loss=fused"])
+    _losses_equal(train_losses(tmp_path / "ref"), train_losses(tmp_path / "kernels"), rel=1e-4)
+    assert val_losses(tmp_path / "kernels")[3] == pytest.approx(val_losses(tmp_path / "ref")[3], rel=1e-4)
+    assert val_losses(tmp_path / "kernels")[3] < val_losses(tmp_path / "kernels")[0]
