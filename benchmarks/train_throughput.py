@@ -91,7 +91,8 @@ def run_point(model: str, args: argparse.Namespace, extra: list[str]) -> dict:
     return {
         "bench": "train_throughput", "model": model, "params": count_parameters(mcfg)["total"],
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "world_size": args.nproc,
-        "precision": args.precision, "deepspeed": args.deepspeed, "steps_timed": len(steps),
+        "precision": args.precision, "deepspeed_config": args.deepspeed, "steps_timed": len(steps),
+        "smoke": args.smoke,
         "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / args.nproc, "flops_per_token": fpt,
         "tflops_per_device": tps * fpt / args.nproc / 1e12,
         "mfu": (tps * fpt / (peak * 1e12 * args.nproc)) if peak else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -42,6 +43,8 @@ def _configure_logging() -> None:
                         force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed still calls collectives that torch 2.13 renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def run_stage(cfg: DictConfig) -> dict:

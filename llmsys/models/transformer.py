@@ -82,12 +82,13 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tup
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, T, H, D) by position, GPT-NeoX/Llama half layout: pairs are (i, i + D/2).
 
-    cos, sin: (T, D/2). Computed in fp32 and cast back.
+    cos, sin: (T, D/2) shared by the batch, or (B, T, D/2) per sequence (KV-cache decoding, where each
+    sequence is at its own position). Computed in fp32 and cast back.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    cos = cos[None, :, None, :] if cos.ndim == 2 else cos[:, :, None, :]
+    sin = sin[None, :, None, :] if sin.ndim == 2 else sin[:, :, None, :]
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
 
@@ -117,6 +118,37 @@ class Packing:
         return cls(cu_seqlens, int(lengths.max()), positions, mask)
 
 
+@dataclass
+class KVCache:
+    """Per-layer key/value caches for incremental decoding, (B, S_max, Hkv, D) each, and how many
+    positions of each sequence are filled. ``Transformer.decode`` writes new tokens at ``lengths``."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # (B,) int32
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> "KVCache":
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a KV cache of {max_len} positions exceeds model.max_seq_len={cfg.max_seq_len}")
+        shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+                   torch.zeros(batch, dtype=torch.int32, device=device))
+
+
+@dataclass
+class _CacheStep:
+    """What every layer needs for one ``decode`` call: where the new tokens go and what they may see."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor  # (B, T) absolute position of each new token
+    mask: Optional[torch.Tensor]  # (B, 1, T, S_max): key j visible to new token t iff j <= positions[b, t]
+    lengths_after: torch.Tensor  # (B,) int32 filled positions once the new tokens are written
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention; the kernel is chosen by ``model.attention``.
 
@@ -136,12 +168,14 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
-                ) -> torch.Tensor:
+                cache: Optional[_CacheStep] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            return self.wo(self._attend_cached(q, k, v, cache).reshape(B, T, -1))
         if self.impl == "sdpa":
             # SDPA wants (B, H, T, D); enable_gqa broadcasts the kv heads without copying them.
             mask = None if packing is None else packing.mask
@@ -168,6 +202,20 @@ class Attention(nn.Module):
                     packing.max_seqlen, causal=True).unsqueeze(0)
         return self.wo(out.reshape(B, T, -1))
 
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: _CacheStep) -> torch.Tensor:
+        """Write the new keys/values into the cache, then attend over everything each sequence has."""
+        batch = torch.arange(q.shape[0], device=q.device)[:, None]
+        cache.k[batch, cache.positions] = k.to(cache.k.dtype)
+        cache.v[batch, cache.positions] = v.to(cache.v.dtype)
+        if cache.mask is None:  # one new token per sequence: the decode kernel reads the cache directly
+            from llmsys.kernels import decode_attention
+
+            return decode_attention(q[:, 0], cache.k, cache.v, cache.lengths_after).unsqueeze(1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), cache.k.transpose(1, 2).to(q.dtype), cache.v.transpose(1, 2).to(q.dtype),
+            attn_mask=cache.mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return out.transpose(1, 2)
+
 
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
@@ -192,8 +240,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
-                ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, packing)
+                cache: Optional[_CacheStep] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, packing, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -258,6 +306,32 @@ class Transformer(nn.Module):
         With ``model.loss=fused`` the loss never materialises the (B*T, V) logits.
         """
         return self.output(self.hidden_states(input_ids, cu_seqlens), labels)
+
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, use_decode_kernel: bool = False) -> torch.Tensor:
+        """Run new tokens (B, T) through the model at each sequence's cache position; return logits (B, T, V).
+
+        Token t of sequence b is placed at position ``cache.lengths[b] + t``; its keys/values are written
+        into ``cache`` and ``cache.lengths`` advances by T. With ``use_decode_kernel`` and T == 1 the
+        attention runs in llmsys's decode-attention kernel (split-KV over the cache) instead of SDPA.
+        """
+        B, T = input_ids.shape
+        S = cache.k[0].shape[1]
+        positions = cache.lengths.long()[:, None] + torch.arange(T, device=input_ids.device)
+        if int(positions.max()) >= S:
+            raise ValueError(f"the KV cache holds {S} positions; decoding would write position {int(positions.max())}")
+        cos, sin = self._rope(S, input_ids.device)
+        mask = None
+        if not (use_decode_kernel and T == 1):
+            mask = (torch.arange(S, device=input_ids.device)[None, None, :] <= positions[:, :, None])[:, None]
+        lengths_after = (cache.lengths + T).to(torch.int32)
+        h = self.tok_embeddings(input_ids)
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            step = _CacheStep(k_cache, v_cache, positions, mask, lengths_after)
+            h = layer(h, cos[positions], sin[positions], None, step)
+        cache.lengths = lengths_after
+        return self.output(self.norm(h))
 
 
 def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:

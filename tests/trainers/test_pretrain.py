@@ -98,6 +98,14 @@ def test_zero_two_processes_match_one(tmp_path, single_process_losses, stage, la
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_zero3_offload_two_processes_match_one(tmp_path, single_process_losses):
+    # Parameters and optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (built on first use).
+    out = tmp_path / "zero3_offload"
+    train(out, ZERO_COMMON + ["deepspeed=zero3_offload"], nproc=2, launcher="torchrun", timeout=900)
+    # A different AdamW implementation (vectorised C++): equal math, different rounding order.
+    _losses_equal(single_process_losses, train_losses(out), rel=1e-4)
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     common = ["trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=4",
               "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "optim.warmup_steps=4"]

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# gpu_check.sh: the one script to run on a lent GPU (sized for one H200 in under 8 minutes).
+#
+#   (a) the GPU correctness tests of the kernels: the `test_gpu_*` tests of tests/kernels (skipped on
+#       a CPU), split over a few parallel pytest processes because Triton's autotuner compiles ~14
+#       configs per new kernel specialisation, single-threaded, and compiling dominates their time;
+#   (b) benchmarks/attention.py: seqlen 512..16k, head_dim 128 and 64, causal, bf16, 16 heads,
+#       16k tokens per point, ours vs every SDPA backend (+ flash-attn if installed);
+#   (c) benchmarks/cross_entropy.py: vocab 32k..256k at 16k tokens, hidden 4096, bf16, ours vs eager,
+#       torch.compile (+ Liger if installed), and linear_logprobs vs its reference.
+#   Each part has a wall-clock cap (`timeout`) and the benchmarks a --budget-s after which they start
+#   no new point, so the whole script ends within ~8 minutes even when a part hangs.
+#
+# Usage, from anywhere (it cd's to the repo root):
+#   bash benchmarks/gpu_check.sh            # on the GPU machine; logs + JSON + PNG into $OUT
+#   bash benchmarks/gpu_check.sh --smoke    # CPU path (also chosen when no GPU is visible): the
+#                                           # benchmarks' --smoke runs, the GPU tests collected and skipped
+# Output: $OUT when set, else benchmarks/results/: gpu_check-<date>[-smoke].log (everything),
+# gpu_check-<date>[-smoke]-<part>.log per part, ...-tests-shard<i>.log per pytest process, and the
+# benchmarks' attention-<device>-<date>.json/.png and cross_entropy-<device>-<date>.json/.png.
+# Exit status: 0 when every part passed; otherwise the sum of 1 (tests failed or timed out),
+# 2 (attention benchmark crashed or timed out), 4 (cross-entropy benchmark crashed or timed out).
+# A missed performance target is printed as FAIL but never changes the exit status.
+#
+# What the GPU machine has: Python 3.12, torch 2.11 + triton 3.6, numpy, pytest, pytest-timeout,
+# matplotlib; NOT deepspeed, hydra-core, datasets, wandb, flash-attn, liger-kernel, nor llmsys
+# installed. So this script runs from the repo root with PYTHONPATH=$PWD and touches only what needs
+# nothing else: tests/conftest.py (os, pathlib, pytest), tests/kernels/conftest.py (torch), the two
+# kernel test files and llmsys/kernels (torch, triton), benchmarks/*.py (torch, triton; matplotlib,
+# flash_attn, liger_kernel only when importable). Nothing is installed and nothing else is imported.
+#
+# Knobs (environment): PYTHON (default python3), OUT, GPU_CHECK_TEST_SHARDS (default 6).
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+REPO=$PWD
+SMOKE=0
+for arg in "$@"; do
+    case $arg in
+        --smoke) SMOKE=1 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument $arg (use --smoke or --help)" >&2; exit 2 ;;
+    esac
+done
+
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-$REPO/benchmarks/results}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export OUT=$OUT_DIR
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export PYTHONDONTWRITEBYTECODE=1
+
+HAS_GPU='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
+if [[ $SMOKE == 0 ]] && ! "$PY" -c "$HAS_GPU" 2>/dev/null; then
+    echo "gpu_check.sh: no CUDA device visible to $PY: running the CPU smoke path instead"
+    SMOKE=1
+fi
+if [[ $SMOKE == 1 ]]; then
+    export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU machine
+    SUFFIX=-smoke
+    SHARDS=2  # exercises the sharding; the GPU tests only get collected and skipped here
+    CAP_TESTS=120 CAP_ATTN=120 CAP_CE=120
+    ATTN_ARGS=(--smoke)
+    CE_ARGS=(--smoke)
+else
+    SUFFIX=
+    SHARDS=${GPU_CHECK_TEST_SHARDS:-6}
+    # Caps (s) sum to ~7.5 min with the preamble; expected ~5-6 min (see benchmarks/README.md).
+    CAP_TESTS=170 CAP_ATTN=160 CAP_CE=120
+    ATTN_ARGS=(--seqlens 512,1k,2k,4k,8k,16k --head-dims 128,64 --causal true --dtype bf16 --heads 16
+               --tokens 16384 --budget-s 120)
+    CE_ARGS=(--vocab 32k,64k,128k,256k --tokens 16k --hidden 4096 --dtype bf16 --budget-s 80)
+fi
+PREFIX=$OUT_DIR/gpu_check-$(date -u +%Y-%m-%d)$SUFFIX
+TIMEOUT=()
+if command -v timeout >/dev/null; then
+    TIMEOUT=(timeout --kill-after=15)
+fi
+
+capped() {  # capped SECONDS command...: run with a wall-clock cap when `timeout` exists
+    local cap=$1
+    shift
+    if [[ ${#TIMEOUT[@]} -gt 0 ]]; then "${TIMEOUT[@]}" "$cap" "$@"; else "$@"; fi
+}
+
+banner() { printf '\n===== %s  [%s, +%ds]\n' "$1" "$(date -u +%H:%M:%S)" "$SECONDS"; }
+
+preamble() {
+    banner "gpu_check${SUFFIX}: $REPO -> $PREFIX*"
+    echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)   host: $(hostname)   nproc: $(nproc 2>/dev/null)"
+    echo "git: $(git describe --always --dirty --abbrev=12 2>/dev/null || echo 'not a git checkout')"
+    if [[ $SMOKE == 0 ]] && command -v nvidia-smi >/dev/null; then
+        nvidia-smi
+    else
+        echo "nvidia-smi: skipped (smoke) or not found"
+    fi
+    "$PY" - <<'EOF'
+import importlib, platform
+import torch, triton
+print(f"python {platform.python_version()}  torch {torch.__version__} (cuda {torch.version.cuda}, "
+      f"cudnn {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None})  "
+      f"triton {triton.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+else:
+    print("device: none (CPU; Triton interpreter)")
+for name in ("numpy", "pytest", "pytest_timeout", "matplotlib", "flash_attn", "flash_attn_interface", "liger_kernel"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"  {name} {getattr(mod, '__version__', '(no __version__)')}")
+    except ImportError:
+        print(f"  {name}: not installed")
+EOF
+}
+
+run_tests() {
+    # Collect the GPU tests, deal their ids round-robin to $SHARDS pytest processes, run them in
+    # parallel (each logs to its own file in $OUT as it goes, so a kill keeps what ran), merge the logs.
+    local work rc=0 i n shard_rc pids=() shard=()
+    work=$(mktemp -d)
+    # -o timeout: pytest-timeout fails one hung test (the ini's 600 s would outlast the shard's cap).
+    local pytest_args=(-p no:cacheprovider -o timeout=150 -rfEs -v)
+    capped 90 "$PY" -m pytest tests/kernels -k test_gpu_ --collect-only -q -p no:cacheprovider \
+        > "$work/collect.log" 2>&1
+    grep '::' "$work/collect.log" > "$work/ids"
+    n=$(wc -l < "$work/ids")
+    echo "collected $n GPU tests (tests/kernels -k test_gpu_); $SHARDS shards"
+    if [[ $n -eq 0 ]]; then
+        cat "$work/collect.log"
+        echo "no GPU tests collected: that is a failure"
+        rm -rf "$work"
+        return 1
+    fi
+    (( SHARDS > n )) && SHARDS=$n
+    rm -f "$PREFIX"-tests-shard*.log
+    awk -v n="$SHARDS" -v p="$work/shard" '{ print > (p ((NR - 1) % n)) }' "$work/ids"
+    for ((i = 0; i < SHARDS; i++)); do
+        mapfile -t shard < "$work/shard$i"
+        capped "$CAP_TESTS" "$PY" -m pytest "${pytest_args[@]}" "${shard[@]}" > "$PREFIX-tests-shard$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for ((i = 0; i < SHARDS; i++)); do
+        wait "${pids[$i]}"
+        shard_rc=$?
+        echo "----- shard $i: rc=$shard_rc ($(wc -l < "$work/shard$i") tests)"
+        cat "$PREFIX-tests-shard$i.log"
+        [[ $shard_rc == 124 || $shard_rc == 137 ]] && echo "----- shard $i TIMED OUT after ${CAP_TESTS}s"
+        [[ $shard_rc != 0 ]] && rc=1
+    done
+    rm -rf "$work"
+    echo "----- totals per shard:"
+    grep -hE '^=+ .*(passed|failed|error|skipped).* in [0-9.]+s' "$PREFIX"-tests-shard*.log || true
+    return $rc
+}
+
+part() {  # part NAME command...: run one part, tee its log, record its status
+    local name=$1 t0=$SECONDS rc
+    shift
+    banner "[$name] $*"
+    "$@" 2>&1 | tee "$PREFIX-$name.log"
+    rc=${PIPESTATUS[0]}
+    [[ $rc == 124 || $rc == 137 ]] && echo "[$name] TIMED OUT (wall-clock cap)"
+    SUMMARY+=("$(printf '%-14s rc=%-3s %4ds' "$name" "$rc" $((SECONDS - t0)))")
+    return "$rc"
+}
+
+main() {
+    local status=0
+    SUMMARY=()
+    preamble
+    part tests run_tests || status=$((status | 1))
+    part attention capped "$CAP_ATTN" "$PY" benchmarks/attention.py "${ATTN_ARGS[@]}" || status=$((status | 2))
+    part cross_entropy capped "$CAP_CE" "$PY" benchmarks/cross_entropy.py "${CE_ARGS[@]}" || status=$((status | 4))
+    banner "summary"
+    printf '  %s\n' "${SUMMARY[@]}"
+    grep -h '^TARGET' "$PREFIX-attention.log" "$PREFIX-cross_entropy.log" 2>/dev/null | sed 's/^/  /'
+    echo "  files in $OUT_DIR:"
+    ls -1 "$OUT_DIR" | sed 's/^/    /'
+    echo "gpu_check${SUFFIX}: exit status $status (1 tests, 2 attention, 4 cross_entropy; targets never count)"
+    return $status
+}
+
+main 2>&1 | tee "$PREFIX.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,118 @@
+"""Batched autoregressive sampling with a KV cache (the rollout engine of the PPO stage).
+
+Prompts of different lengths are right-padded and prefilled in one forward pass; each sequence's
+cache length is then set to its own prompt length, so the first generated token of sequence b
+overwrites the padding at position len_b and no pad is ever attended to. Every following step
+feeds one token per sequence (``Transformer.decode``). Sequences that emit EOS stop: later tokens
+are ``pad_id`` and ``lengths`` counts up to and including the EOS.
+
+``use_cache=False`` recomputes the full forward pass over every sequence at every step; it exists to
+check the cached path (greedy decoding must give the same tokens) and costs O(T^2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from llmsys.models.transformer import KVCache, Transformer
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, max_new_tokens) generated ids, pad_id after a sequence finished
+    lengths: torch.Tensor  # (B,) generated tokens per sequence (EOS included)
+    finished: torch.Tensor  # (B,) bool: the sequence ended with EOS (else it hit max_new_tokens)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of tokens whose probability
+    mass reaches ``top_p`` (always at least the most likely one); the rest get -inf."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p == 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the mass before it already reaches top_p.
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids. temperature 0 is greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
+    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    return ids, lengths
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 1.0, top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+             generator: Optional[torch.Generator] = None, use_cache: bool = True,
+             use_decode_kernel: bool = False) -> Generation:
+    """Sample up to ``max_new_tokens`` per prompt. ``use_decode_kernel`` runs single-token steps in
+    llmsys's decode-attention kernel (``model.decode_attention=fused`` in configs)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    # Padding fed to the model must be a real id (pad_id may be -1 or outside the vocabulary); it is
+    # never attended to, so which id does not matter.
+    filler = eos_id if eos_id is not None else 0
+    ids, prompt_lens = _pad(prompts, filler, device)
+    B = ids.shape[0]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    fed = torch.full((B, max_new_tokens), filler, dtype=torch.long, device=device)  # what the model saw
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)
+
+    if use_cache:
+        cache = KVCache.allocate(model.cfg, B, ids.shape[1] + max_new_tokens, model.tok_embeddings.weight.dtype,
+                                 device)
+        logits = model.decode(ids, cache)[rows, prompt_lens.long() - 1]
+        cache.lengths = prompt_lens.clone()  # drop the padding: generation continues right after each prompt
+    else:
+        logits = model(ids)[rows, prompt_lens.long() - 1]
+
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, filler), token)
+        out[:, step] = torch.where(finished, torch.full_like(token, pad_id), token)
+        lengths += (~finished).long()
+        if eos_id is not None:
+            finished |= token == eos_id
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits = model.decode(token[:, None], cache, use_decode_kernel=use_decode_kernel)[:, 0]
+            fed[:, step] = token
+        else:
+            # Right padding is invisible to earlier positions under the causal mask, so reading the
+            # logits at each sequence's last real token gives exactly the unpadded result.
+            seq_lens = prompt_lens.long() + step + 1
+            fed[:, step] = token
+            packed = torch.full((B, ids.shape[1] + step + 1), filler, dtype=torch.long, device=device)
+            for b in range(B):  # move the generated tokens next to each (shorter) prompt
+                packed[b, : int(seq_lens[b])] = torch.cat([ids[b, : int(prompt_lens[b])], fed[b, : step + 1]])
+            logits = model(packed)[rows, seq_lens - 1]
+    model.train(was_training)
+    return Generation(out, lengths, finished)
