@@ -3,11 +3,29 @@
 CPU install (CI, laptops): ``pip install torch==2.13.0`` first (the CPU build), then ``pip install -e .[dev]``.
 GPU clusters: install the CUDA torch you need first; ``torch>=2.4`` is all llmsys asks for.
 """
+import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+
+
+def _extension_build() -> tuple[list, dict]:
+    """With LLMSYS_BUILD_EXT=1, compile llmsys._C now (like DeepSpeed's DS_BUILD_OPS); else it is built
+    just in time on first use. Needs torch importable: pip install --no-build-isolation."""
+    if os.environ.get("LLMSYS_BUILD_EXT") != "1":
+        return [], {}
+    spec = importlib.util.spec_from_file_location("_llmsys_ext", ROOT / "llmsys" / "kernels" / "_ext.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    from torch.utils.cpp_extension import BuildExtension
+
+    return [ext.setup_extension(ROOT)], {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = _extension_build()
 
 
 def _config_files() -> list[str]:
@@ -24,9 +42,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["llmsys", "llmsys.*"]) + ["llmsys.configs"],
-    package_dir={"llmsys.configs": "configs"},
-    package_data={"llmsys.configs": _config_files()},
+    packages=find_packages(include=["llmsys", "llmsys.*"]) + ["llmsys.configs", "llmsys.csrc"],
+    # configs/ and csrc/ sit at the top of the checkout and ship inside the package when installed.
+    package_dir={"llmsys.configs": "configs", "llmsys.csrc": "csrc"},
+    package_data={"llmsys.configs": _config_files(),
+                  "llmsys.csrc": ["*.cpp", "README.md", "cpu/*.cpp", "cuda/*.cu", "include/llmsys/*"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -11,15 +11,22 @@
 #   Each part has a wall-clock cap (`timeout`) and the benchmarks a --budget-s after which they start
 #   no new point, so the whole script ends within ~8 minutes even when a part hangs.
 #
+#   (d) csrc (llmsys._C): build the extension once (CUDA kernels with nvcc), the csrc GPU tests,
+#       benchmarks/fused_ops.py (rms_norm/rope/swiglu GB/s vs copy bandwidth) and benchmarks/decode.py
+#       (split-KV decode attention vs SDPA).
+#
 # Usage, from anywhere (it cd's to the repo root):
-#   bash benchmarks/gpu_check.sh            # on the GPU machine; logs + JSON + PNG into $OUT
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, every part; logs + JSON + PNG into $OUT
+#   bash benchmarks/gpu_check.sh --parts triton   # (a)-(c) only: ~5-6 min on one H200
+#   bash benchmarks/gpu_check.sh --parts csrc     # (d) only: ~5 min; a 15-minute lease runs the two in turn
 #   bash benchmarks/gpu_check.sh --smoke    # CPU path (also chosen when no GPU is visible): the
 #                                           # benchmarks' --smoke runs, the GPU tests collected and skipped
 # Output: $OUT when set, else benchmarks/results/: gpu_check-<date>[-smoke].log (everything),
 # gpu_check-<date>[-smoke]-<part>.log per part, ...-tests-shard<i>.log per pytest process, and the
 # benchmarks' attention-<device>-<date>.json/.png and cross_entropy-<device>-<date>.json/.png.
 # Exit status: 0 when every part passed; otherwise the sum of 1 (tests failed or timed out),
-# 2 (attention benchmark crashed or timed out), 4 (cross-entropy benchmark crashed or timed out).
+# 2 (attention benchmark crashed or timed out), 4 (cross-entropy benchmark crashed or timed out),
+# 8 (llmsys._C failed to build), 16 (fused_ops benchmark), 32 (decode benchmark).
 # A missed performance target is printed as FAIL but never changes the exit status.
 #
 # What the GPU machine has: Python 3.12, torch 2.11 + triton 3.6, numpy, pytest, pytest-timeout,
@@ -35,13 +42,24 @@ set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
 SMOKE=0
-for arg in "$@"; do
-    case $arg in
+PARTS=all
+while [[ $# -gt 0 ]]; do
+    case $1 in
         --smoke) SMOKE=1 ;;
+        --parts) PARTS=${2:?--parts needs triton, csrc or all}; shift ;;
+        --parts=*) PARTS=${1#--parts=} ;;
         -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
-        *) echo "gpu_check.sh: unknown argument $arg (use --smoke or --help)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown argument $1 (use --smoke, --parts triton|csrc|all, or --help)" >&2; exit 2 ;;
     esac
+    shift
 done
+case $PARTS in
+    triton) TEST_FILES=(tests/kernels/test_flash_attention.py tests/kernels/test_cross_entropy.py) ;;
+    csrc) TEST_FILES=(tests/kernels/test_rms_norm.py tests/kernels/test_rotary.py tests/kernels/test_swiglu.py
+                      tests/kernels/test_decode_attention.py tests/kernels/test_csrc_build.py) ;;
+    all) TEST_FILES=(tests/kernels) ;;
+    *) echo "gpu_check.sh: --parts must be triton, csrc or all, got $PARTS" >&2; exit 2 ;;
+esac
 
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-$REPO/benchmarks/results}
@@ -51,6 +69,7 @@ export OUT=$OUT_DIR
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export PYTHONDONTWRITEBYTECODE=1
+export LLMSYS_HOME=${LLMSYS_HOME:-$REPO/.cache/llmsys}  # where llmsys._C is built (same as tests/conftest.py)
 
 HAS_GPU='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
 if [[ $SMOKE == 0 ]] && ! "$PY" -c "$HAS_GPU" 2>/dev/null; then
@@ -61,19 +80,25 @@ if [[ $SMOKE == 1 ]]; then
     export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU machine
     SUFFIX=-smoke
     SHARDS=2  # exercises the sharding; the GPU tests only get collected and skipped here
-    CAP_TESTS=120 CAP_ATTN=120 CAP_CE=120
+    CAP_TESTS=120 CAP_ATTN=120 CAP_CE=120 CAP_BUILD=300 CAP_FUSED=120 CAP_DECODE=120
     ATTN_ARGS=(--smoke)
     CE_ARGS=(--smoke)
+    FUSED_ARGS=(--smoke)
+    DECODE_ARGS=(--smoke)
 else
     SUFFIX=
     SHARDS=${GPU_CHECK_TEST_SHARDS:-6}
     # Caps (s) sum to ~7.5 min with the preamble; expected ~5-6 min (see benchmarks/README.md).
-    CAP_TESTS=170 CAP_ATTN=160 CAP_CE=120
+    CAP_TESTS=170 CAP_ATTN=160 CAP_CE=120 CAP_BUILD=300 CAP_FUSED=150 CAP_DECODE=150
     ATTN_ARGS=(--seqlens 512,1k,2k,4k,8k,16k --head-dims 128,64 --causal true --dtype bf16 --heads 16
                --tokens 16384 --budget-s 120)
     CE_ARGS=(--vocab 32k,64k,128k,256k --tokens 16k --hidden 4096 --dtype bf16 --budget-s 80)
+    FUSED_ARGS=(--hidden 2048,4096,8192,16384 --tokens 16384 --dtype bf16 --budget-s 100)
+    DECODE_ARGS=(--budget-s 100)
 fi
-PREFIX=$OUT_DIR/gpu_check-$(date -u +%Y-%m-%d)$SUFFIX
+PREFIX_PARTS=
+[[ $PARTS != all ]] && PREFIX_PARTS=-$PARTS
+PREFIX=$OUT_DIR/gpu_check-$(date -u +%Y-%m-%d)$PREFIX_PARTS$SUFFIX
 TIMEOUT=()
 if command -v timeout >/dev/null; then
     TIMEOUT=(timeout --kill-after=15)
@@ -123,11 +148,11 @@ run_tests() {
     work=$(mktemp -d)
     # -o timeout: pytest-timeout fails one hung test (the ini's 600 s would outlast the shard's cap).
     local pytest_args=(-p no:cacheprovider -o timeout=150 -rfEs -v)
-    capped 90 "$PY" -m pytest tests/kernels -k test_gpu_ --collect-only -q -p no:cacheprovider \
+    capped 90 "$PY" -m pytest "${TEST_FILES[@]}" -k test_gpu_ --collect-only -q -p no:cacheprovider \
         > "$work/collect.log" 2>&1
     grep '::' "$work/collect.log" > "$work/ids"
     n=$(wc -l < "$work/ids")
-    echo "collected $n GPU tests (tests/kernels -k test_gpu_); $SHARDS shards"
+    echo "collected $n GPU tests (${TEST_FILES[*]} -k test_gpu_); $SHARDS shards"
     if [[ $n -eq 0 ]]; then
         cat "$work/collect.log"
         echo "no GPU tests collected: that is a failure"
@@ -171,15 +196,26 @@ main() {
     local status=0
     SUMMARY=()
     preamble
+    if [[ $PARTS != triton ]]; then
+        # Build llmsys._C once here (with its CUDA kernels on a GPU) rather than in every test shard.
+        part build_ext capped "$CAP_BUILD" "$PY" -m llmsys.kernels._ext || status=$((status | 8))
+    fi
     part tests run_tests || status=$((status | 1))
-    part attention capped "$CAP_ATTN" "$PY" benchmarks/attention.py "${ATTN_ARGS[@]}" || status=$((status | 2))
-    part cross_entropy capped "$CAP_CE" "$PY" benchmarks/cross_entropy.py "${CE_ARGS[@]}" || status=$((status | 4))
+    if [[ $PARTS != csrc ]]; then
+        part attention capped "$CAP_ATTN" "$PY" benchmarks/attention.py "${ATTN_ARGS[@]}" || status=$((status | 2))
+        part cross_entropy capped "$CAP_CE" "$PY" benchmarks/cross_entropy.py "${CE_ARGS[@]}" || status=$((status | 4))
+    fi
+    if [[ $PARTS != triton ]]; then
+        part fused_ops capped "$CAP_FUSED" "$PY" benchmarks/fused_ops.py "${FUSED_ARGS[@]}" || status=$((status | 16))
+        part decode capped "$CAP_DECODE" "$PY" benchmarks/decode.py "${DECODE_ARGS[@]}" || status=$((status | 32))
+    fi
     banner "summary"
     printf '  %s\n' "${SUMMARY[@]}"
-    grep -h '^TARGET' "$PREFIX-attention.log" "$PREFIX-cross_entropy.log" 2>/dev/null | sed 's/^/  /'
+    grep -h '^TARGET' "$PREFIX"-{attention,cross_entropy,fused_ops,decode}.log 2>/dev/null | sed 's/^/  /'
     echo "  files in $OUT_DIR:"
     ls -1 "$OUT_DIR" | sed 's/^/    /'
-    echo "gpu_check${SUFFIX}: exit status $status (1 tests, 2 attention, 4 cross_entropy; targets never count)"
+    echo "gpu_check${SUFFIX}: exit status $status (1 tests, 2 attention, 4 cross_entropy, 8 build_ext, 16 fused_ops,"\
+         "32 decode; targets never count)"
     return $status
 }
 

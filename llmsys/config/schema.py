@@ -16,6 +16,7 @@ from omegaconf import MISSING
 STAGES = ("pretrain",)
 ATTENTION_IMPLS = ("sdpa", "triton", "flash_attn")
 LOSS_IMPLS = ("eager", "fused")
+OP_IMPLS = ("torch", "fused")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -79,6 +80,15 @@ class ModelConfig:
     loss: str = "eager"
     """LM loss: eager (logits, then cross-entropy) or fused (llmsys's chunked linear+cross-entropy
     kernel, which never holds the full tokens x vocabulary logits)."""
+    norm: str = "torch"
+    """RMSNorm: torch, or fused (llmsys._C kernel with the residual add fused in; CUDA or its CPU twin)."""
+    rope: str = "torch"
+    """Rotary embedding: torch, or fused (llmsys._C kernel)."""
+    mlp: str = "torch"
+    """SwiGLU activation: torch, or fused (llmsys._C kernel)."""
+    decode_attention: str = "torch"
+    """Attention of single-token KV-cache decoding steps: torch (SDPA over the cache with a length mask)
+    or fused (llmsys._C split-KV decode kernel)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
     init_from: Optional[str] = None
@@ -99,6 +109,11 @@ class ModelConfig:
         _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
         _one_of(self.attention, ATTENTION_IMPLS, "model.attention")
         _one_of(self.loss, LOSS_IMPLS, "model.loss")
+        for key in ("norm", "rope", "mlp", "decode_attention"):
+            _one_of(getattr(self, key), OP_IMPLS, f"model.{key}")
+        if self.decode_attention == "fused":
+            _check(self.head_dim in (32, 64, 128, 256), "model.decode_attention",
+                   f"the fused decode kernel supports head_dim 32, 64, 128, 256; this model has {self.head_dim}")
         if self.attention == "flash_attn":
             import importlib.util
 

@@ -1,4 +1,8 @@
-"""Fused kernels, one op per file: Triton kernels, launcher, autograd.Function, public function, ``*_ref``.
+"""Fused kernels, one op per file: kernels, launcher, autograd.Function, public function, ``*_ref``.
+
+Triton ops: flash_attention, fused_linear_cross_entropy, linear_logprobs. C++/CUDA ops of ``csrc/``
+(``llmsys._C``, built on first use by ``_ext.py``; CPU twins where there is no GPU): rms_norm,
+apply_rotary, swiglu, decode_attention.
 
 Triton needs a GPU; on a CPU-only machine the kernels run under Triton's interpreter, which must be
 switched on before any ``@triton.jit`` function is defined. Importing this package does that
@@ -30,9 +34,19 @@ from llmsys.kernels.cross_entropy import (  # noqa: E402
     linear_logprobs,
     linear_logprobs_ref,
 )
+from llmsys.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_num_splits,
+    decode_attention_ref,
+)
 from llmsys.kernels.flash_attention import flash_attention, flash_attention_ref  # noqa: E402
+from llmsys.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from llmsys.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from llmsys.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 
 __all__ = [
+    "apply_rotary", "apply_rotary_ref", "rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref",
+    "decode_attention", "decode_attention_num_splits", "decode_attention_ref",
     "flash_attention", "flash_attention_ref", "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
     "linear_logprobs", "linear_logprobs_ref",
 ]

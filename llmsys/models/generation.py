@@ -66,9 +66,11 @@ def _pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) ->
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
              generator: Optional[torch.Generator] = None, use_cache: bool = True,
-             use_decode_kernel: bool = False) -> Generation:
+             use_decode_kernel: Optional[bool] = None) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt. ``use_decode_kernel`` runs single-token steps in
-    llmsys's decode-attention kernel (``model.decode_attention=fused`` in configs)."""
+    llmsys's split-KV decode-attention kernel; None follows the model's ``decode_attention`` config."""
+    if use_decode_kernel is None:
+        use_decode_kernel = model.cfg.decode_attention == "fused"
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     was_training = model.training

@@ -59,14 +59,29 @@ class OutputHead(Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019)."""
+    """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019).
 
-    def __init__(self, dim: int, eps: float):
+    ``forward(x, residual)`` first adds the residual stream and returns ``(normed, x + residual)``;
+    with ``fused`` both run in one llmsys._C kernel (one read of each input, one write of each output).
+    """
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if self.fused:
+            from llmsys.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            h = x + residual
+            return self._norm(h), h
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -161,6 +176,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.impl = cfg.attention
+        self.fused_rope = cfg.rope == "fused"
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
         self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
@@ -173,7 +189,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.fused_rope and cos.ndim == 2:  # per-sequence tables (decode steps) take the torch path
+            from llmsys.kernels import apply_rotary as rotate
+        else:
+            rotate = apply_rotary
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             return self.wo(self._attend_cached(q, k, v, cache).reshape(B, T, -1))
         if self.impl == "sdpa":
@@ -226,23 +246,30 @@ class FeedForward(nn.Module):
         self.w1 = Linear(cfg.dim, hidden, cfg.init_std)
         self.w3 = Linear(cfg.dim, hidden, cfg.init_std)
         self.w2 = Linear(hidden, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.fused = cfg.mlp == "fused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from llmsys.kernels import swiglu
+
+            return self.w2(swiglu(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        fused = cfg.norm == "fused"
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, fused)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, fused)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
                 cache: Optional[_CacheStep] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, packing, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), cos, sin, packing, cache)
+        normed, h = self.ffn_norm(attn, residual=x)  # h = x + attn, the residual stream
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):
@@ -256,7 +283,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm == "fused")
         self.output = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, fused_loss=cfg.loss == "fused")
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

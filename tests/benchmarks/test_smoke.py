@@ -132,7 +132,7 @@ def test_gpu_check_smoke(smoke_runs):
     main_log = sorted(out.glob("gpu_check-*-smoke.log"))
     assert len(main_log) == 1, sorted(p.name for p in out.iterdir())
     prefix = main_log[0].name.removesuffix(".log")  # gpu_check-<date>-smoke
-    for part in ("", "-tests", "-attention", "-cross_entropy"):
+    for part in ("", "-build_ext", "-tests", "-attention", "-cross_entropy", "-fused_ops", "-decode"):
         log = out / f"{prefix}{part}.log"
         assert log.is_file() and log.stat().st_size > 0, log
     tests_log = (out / f"{prefix}-tests.log").read_text()

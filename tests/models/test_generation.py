@@ -1,6 +1,8 @@
 """KV-cache generation: the cached path must reproduce full recomputation token for token."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,6 +34,15 @@ def test_greedy_with_cache_equals_full_recomputation():
     full = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, use_cache=False)
     assert torch.equal(cached.tokens, full.tokens)
     assert len(set(map(tuple, cached.tokens.tolist()))) > 1  # not a degenerate constant output
+
+
+def test_decode_kernel_generation_equals_full_recomputation():
+    # llmsys._C's decode-attention (CPU twin here, CUDA on a GPU) in every single-token step.
+    torch.manual_seed(4)
+    model = Transformer(dataclasses.replace(CFG, dim=128, decode_attention="fused")).eval()  # head_dim 32
+    fused = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0)  # follows model.decode_attention
+    full = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, use_cache=False)
+    assert torch.equal(fused.tokens, full.tokens)
 
 
 def test_each_prompt_alone_gives_the_same_tokens_as_in_the_batch():

@@ -17,9 +17,9 @@ from llmsys.models import Transformer  # noqa: E402
 BASE = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=131, max_seq_len=64)
 
 
-def _model(attention: str, loss: str, seed: int = 0) -> Transformer:
+def _model(attention: str, loss: str, seed: int = 0, **ops: str) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(dataclasses.replace(BASE, attention=attention, loss=loss))
+    return Transformer(dataclasses.replace(BASE, attention=attention, loss=loss, **ops))
 
 
 def _train(model: Transformer, batches: list[torch.Tensor], steps: int) -> list[float]:
@@ -50,6 +50,26 @@ def test_triton_and_fused_loss_train_like_sdpa_and_eager():
     assert reference[-1] < reference[0] - 0.3  # it really trained
     for step, (a, b) in enumerate(zip(reference, fused)):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (step, reference, fused)
+
+
+def test_csrc_fused_ops_train_like_the_torch_ops():
+    # llmsys._C's RMSNorm (+ fused residual add), rotary and SwiGLU: CPU twins here, CUDA on a GPU.
+    batches = _batches(3)
+    reference = _train(_model("sdpa", "eager"), batches, steps=6)
+    fused = _train(_model("sdpa", "eager", norm="fused", rope="fused", mlp="fused"), batches, steps=6)
+    assert reference[-1] < reference[0] - 0.3
+    for step, (a, b) in enumerate(zip(reference, fused)):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (step, reference, fused)
+
+
+@pytest.mark.parametrize("ops", [dict(norm="fused"), dict(rope="fused"), dict(mlp="fused")])
+def test_each_csrc_op_alone_matches_the_reference_gradients(ops):
+    ids = _batches(1)[0]
+    ref, alt = _model("sdpa", "eager"), _model("sdpa", "eager", **ops)
+    ref(ids[:, :-1], labels=ids[:, 1:]).backward()
+    alt(ids[:, :-1], labels=ids[:, 1:]).backward()
+    for (name, p), q in zip(ref.named_parameters(), alt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("attention,loss", [("triton", "eager"), ("sdpa", "fused")])

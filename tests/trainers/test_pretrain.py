@@ -98,6 +98,14 @@ def test_zero_two_processes_match_one(tmp_path, single_process_losses, stage, la
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_csrc_fused_ops_on_two_processes_match_the_torch_ops(tmp_path, single_process_losses):
+    # llmsys._C's RMSNorm (+residual), rotary and SwiGLU (CPU twins here) under ZeRO-2 on 2 ranks.
+    out = tmp_path / "fused_ops"
+    train(out, ZERO_COMMON + ["deepspeed=zero2", "model.norm=fused", "model.rope=fused", "model.mlp=fused"],
+          nproc=2, launcher="torchrun")
+    _losses_equal(single_process_losses, train_losses(out), rel=1e-4)
+
+
 def test_zero3_offload_two_processes_match_one(tmp_path, single_process_losses):
     # Parameters and optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (built on first use).
     out = tmp_path / "zero3_offload"
