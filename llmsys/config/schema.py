@@ -72,6 +72,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
+    qkv_bias: bool = False
+    """Bias on the query/key/value projections, zero-initialised (Qwen2's layout; Llama has none)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
     attention: str = "sdpa"
@@ -92,7 +94,8 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
     init_from: Optional[str] = None
-    """Start from an exported llmsys model directory (``.../final``) instead of random weights."""
+    """Start from an exported llmsys model directory (``.../final``) or a Hugging Face Llama-family
+    model directory (see ``llmsys.models.hf``) instead of random weights."""
 
     def __post_init__(self) -> None:
         for key in ("dim", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple", "ffn_multiple_of"):

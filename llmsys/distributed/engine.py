@@ -53,14 +53,16 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the weights of Linear and Embedding layers only (not norms), each tensor once even if tied."""
+    """Decay the weight matrices of Linear and Embedding layers only (not norms, not biases), each tensor
+    once even if tied. Decided by module type and name, not shape: ZeRO-3 has flattened the shapes."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (decay if isinstance(module, (nn.Linear, nn.Embedding)) else no_decay).append(p)
+            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
+            (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -44,6 +44,11 @@ def save_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+    return publish_dir(tmp, out_dir)
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> Path:
+    """Rename a fully written ``tmp`` over ``out_dir``, so a reader never sees a half-written export."""
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -56,11 +61,16 @@ def save_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir
 
 
 def read_config(path: str | Path) -> ModelConfig:
+    """The model config of an llmsys export, or of a Hugging Face model directory (``llmsys.models.hf``)."""
+    from llmsys.models import hf
+
+    if hf.is_hf_checkpoint(path) or hf.is_hub_name(path):
+        return hf.read_hf_config(path)
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found; model.init_from must be an llmsys export directory "
-                                f"holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+                                f"holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a Hugging Face model directory")
     meta = json.loads(cfg_file.read_text())
     if meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{cfg_file}: not an llmsys export (expected \"format\": \"{FORMAT}\" and a \"model\" field)")
@@ -68,7 +78,13 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def load_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The saved weights, with the tied output projection restored as an alias of the embedding."""
+    """The saved weights, with the tied output projection restored as an alias of the embedding.
+
+    A Hugging Face directory is read through ``llmsys.models.hf`` and renamed to llmsys's names."""
+    from llmsys.models import hf
+
+    if hf.is_hf_checkpoint(path) or hf.is_hub_name(path):
+        return hf.load_hf_state(path, cfg)
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")

@@ -26,11 +26,14 @@ IGNORE_INDEX = -100
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer with a normal(0, std) init done in the constructor (see module doc)."""
+    """Linear layer with a normal(0, std) init done in the constructor (see module doc); bias-free
+    unless asked for (Qwen2's q/k/v projections), and then zero-initialised."""
 
-    def __init__(self, in_features: int, out_features: int, std: float):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, std: float, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if bias:
+            nn.init.zeros_(self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -178,9 +181,9 @@ class Attention(nn.Module):
         self.impl = cfg.attention
         self.fused_rope = cfg.rope == "fused"
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
-        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
+        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
+        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
@@ -376,6 +379,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Closed-form parameter count (unique tensors, tied embeddings counted once)."""
     d, L, V, hd = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo + wk, wv
+    if cfg.qkv_bias:
+        attn += (cfg.n_heads + 2 * cfg.kv_heads) * hd
     mlp = 3 * d * cfg.hidden_dim
     per_layer = attn + mlp + 2 * d  # two RMSNorm weights
     embedding = V * d

