@@ -171,8 +171,18 @@ class DataConfig:
     """Worker processes for tokenisation."""
     cache_dir: Optional[str] = None
     """Where tokenizers and packed token files are cached; None uses $LLMSYS_HOME/data."""
+    sft_overflow: str = "truncate"
+    """SFT only: an example longer than ``seq_len`` tokens is ``truncate``d (its first ``seq_len``
+    tokens kept; dropped if no assistant token is left) or ``drop``ped. Counts go to the manifest."""
+    chat_template: str = "auto"
+    """SFT only: ``auto`` uses the tokenizer's own chat template (tokenizer_config.json, rendered by
+    `transformers`) when it has one, else the built-in ChatML; ``chatml`` always uses the built-in."""
 
     def __post_init__(self) -> None:
+        _check(self.sft_overflow in ("truncate", "drop"), "data.sft_overflow",
+               f"must be truncate or drop, got {self.sft_overflow!r}")
+        _check(self.chat_template in ("auto", "chatml"), "data.chat_template",
+               f"must be auto or chatml, got {self.chat_template!r}")
         _check((self.path is None) != (self.dataset is None), "data.path",
                f"set exactly one of data.path and data.dataset (got path={self.path!r}, "
                f"dataset={self.dataset!r})")

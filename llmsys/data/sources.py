@@ -42,7 +42,7 @@ class DataError(ValueError):
     """A corpus, dataset or tokenizer cannot be used. The message says where and what was expected."""
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON name of a decoded value's type, for messages about JSON rows."""
     if value is None:
         return "null"
@@ -79,7 +79,12 @@ def _read_whole_file(path: Path) -> str:
     return _decode_utf8(raw[bom:], path, None, base_offset=bom)
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def read_jsonl_rows(path: Path, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(1-based line, JSON object)`` for every non-blank line of a JSON Lines file.
+
+    Bad UTF-8 (with its byte offset), bad JSON and non-object rows fail with :class:`DataError`
+    naming the file and line; ``expected`` says what a row should hold, for that message.
+    """
     with path.open("rb") as stream:
         offset = 0
         # Split on b"\n" only: str.splitlines would also break inside strings at U+2028 and friends.
@@ -99,22 +104,25 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
                     f"expected one JSON object per line"
                 ) from None
             if not isinstance(row, dict):
-                raise DataError(
-                    f"{where}: got a JSON {_json_type(row)}, expected a JSON object with "
-                    f"a string field {field!r} (data.text_field)"
-                )
-            if field not in row:
-                present = ", ".join(map(repr, row)) or "none"
-                raise DataError(
-                    f"{where}: no field {field!r} (data.text_field); fields present: {present}"
-                )
-            text = row[field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{where}: field {field!r} (data.text_field) is a JSON {_json_type(text)}, "
-                    f"expected a string"
-                )
-            yield text
+                raise DataError(f"{where}: got a JSON {json_type(row)}, expected a JSON object with {expected}")
+            yield line_no, row
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    for line_no, row in read_jsonl_rows(path, f"a string field {field!r} (data.text_field)"):
+        where = f"{path}:{line_no}"
+        if field not in row:
+            present = ", ".join(map(repr, row)) or "none"
+            raise DataError(
+                f"{where}: no field {field!r} (data.text_field); fields present: {present}"
+            )
+        text = row[field]
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: field {field!r} (data.text_field) is a JSON {json_type(text)}, "
+                f"expected a string"
+            )
+        yield text
 
 
 def _is_text_type(arrow_type: pa.DataType) -> bool:
@@ -123,11 +131,15 @@ def _is_text_type(arrow_type: pa.DataType) -> bool:
     )
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[str]:
+def open_parquet(path: Path) -> pq.ParquetFile:
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file ({err}); expected a .parquet file") from None
+
+
+def _read_parquet(path: Path, field: str) -> Iterator[str]:
+    parquet = open_parquet(path)
     schema = parquet.schema_arrow
     if field not in schema.names:
         raise DataError(
@@ -176,7 +188,7 @@ def _write_arrow_documents(documents: Iterable[str], path: Path) -> None:
             writer.write_batch(pa.record_batch([pa.array(pending, pa.large_string())], schema=schema))
 
 
-def _stat_entries(root: Path, files: Iterable[Path]) -> list[list[Any]]:
+def stat_entries(root: Path, files: Iterable[Path]) -> list[list[Any]]:
     entries = []
     for file in files:
         stat = file.stat()
@@ -185,13 +197,13 @@ def _stat_entries(root: Path, files: Iterable[Path]) -> list[list[Any]]:
     return entries
 
 
-def _list_files(root: Path) -> tuple[Path, ...]:
-    """The supported files under ``root`` (or ``root`` itself), in a fixed order."""
-    expected = ", ".join(SUPPORTED_EXTENSIONS)
+def list_files(root: Path, extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> tuple[Path, ...]:
+    """The files with one of ``extensions`` under ``root`` (or ``root`` itself), in a fixed order."""
+    expected = ", ".join(extensions)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder (data.path); expected a {expected} file or a folder of them")
     if root.is_file():
-        if root.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        if root.suffix.lower() not in extensions:
             raise DataError(
                 f"{root}: unsupported file type {root.suffix or '(no extension)'!r} (data.path); "
                 f"expected one of {expected}, or a folder of them"
@@ -203,7 +215,7 @@ def _list_files(root: Path) -> tuple[Path, ...]:
         # Hidden entries are tool state (.git, .ipynb_checkpoints, .DS_Store), never corpus text.
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in names:
-            if not name.startswith(".") and Path(name).suffix.lower() in SUPPORTED_EXTENSIONS:
+            if not name.startswith(".") and Path(name).suffix.lower() in extensions:
                 found.append(Path(folder) / name)
             else:
                 ignored += 1
@@ -232,7 +244,7 @@ class LocalFiles:
             "kind": "files",
             "root": str(self.root.resolve()),
             "text_field": self.text_field,
-            "files": _stat_entries(self.root, self.files),
+            "files": stat_entries(self.root, self.files),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -257,7 +269,7 @@ class LocalFiles:
         return datasets.Dataset.from_file(str(arrow_path))
 
 
-def _load_hf_dataset(name: str, config_name: str | None, split: str) -> datasets.Dataset:
+def load_hf_dataset(name: str, config_name: str | None, split: str) -> datasets.Dataset:
     local = Path(name).expanduser()
     # `save_to_disk` output is refused by load_dataset ("use load_from_disk"); accept both.
     if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
@@ -292,7 +304,7 @@ class HFDataset:
     @classmethod
     def load(cls, cfg: DataConfig) -> "HFDataset":
         assert cfg.dataset is not None
-        dataset = _load_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.split)
+        dataset = load_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.split)
         source = cls(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field, dataset)
         if cfg.text_field not in dataset.column_names:
             raise DataError(
@@ -326,7 +338,7 @@ class HFDataset:
         if local.is_dir():
             # A local folder can be rewritten in place; its files' stats catch that.
             files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
-            identity["files"] = _stat_entries(local, files)
+            identity["files"] = stat_entries(local, files)
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
     def documents(self) -> Iterator[str]:
@@ -341,7 +353,7 @@ class HFDataset:
                 if not isinstance(text, str):
                     raise DataError(
                         f"{self.description}: row {row_no}: column {self.text_field!r} (data.text_field) "
-                        f"is {_json_type(text)}, expected a string"
+                        f"is {json_type(text)}, expected a string"
                     )
                 yield text
 
@@ -361,7 +373,7 @@ def open_source(cfg: DataConfig) -> Source:
     """Resolve ``data.path`` / ``data.dataset`` into a readable source (checks paths and columns)."""
     if cfg.path is not None:
         root = Path(cfg.path).expanduser()
-        return LocalFiles(root, _list_files(root), cfg.text_field)
+        return LocalFiles(root, list_files(root), cfg.text_field)
     if cfg.dataset is None:
         raise DataError("data.path and data.dataset are both unset; expected exactly one of them")
     return HFDataset.load(cfg)
