@@ -19,7 +19,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from llmsys.config import llmsys_home
 from llmsys.config.schema import DataConfig
@@ -109,3 +109,17 @@ def build_once(final: Path, is_complete: Callable[[Path], bool], build: Callable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return True
+
+
+def read_manifest(cache_dir: Path, name: str, format_version: int) -> Optional[dict]:
+    """The JSON manifest ``cache_dir/name`` if it parses and is of ``format_version``, else None.
+
+    Callers add their own completeness checks (file sizes); a None means "rebuild", never "reuse".
+    """
+    try:
+        manifest = json.loads((cache_dir / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != format_version:
+        return None
+    return manifest

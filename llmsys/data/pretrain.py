@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.cache import build_once, stable_hash
+from llmsys.data.cache import build_once, read_manifest, stable_hash
 from llmsys.data.sources import DataError, Source, open_source
 from llmsys.data.tokenizer import Tokenizer, tokenizer_for_source
 
@@ -99,11 +99,8 @@ def _process_parallelism_only(num_proc: int) -> Iterator[None]:
 
 def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
     """The manifest if ``cache_dir`` is a complete cache of this format, else None."""
-    try:
-        manifest = json.loads((cache_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    manifest = read_manifest(cache_dir, MANIFEST_FILE, FORMAT_VERSION)
+    if manifest is None:
         return None
     try:
         itemsize = np.dtype(manifest["dtype"]).itemsize

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.cache import build_once, stable_hash
+from llmsys.data.cache import build_once, read_manifest, stable_hash
 from llmsys.data.embedded import CHATTERBOT_EXTENSIONS, read_chatterbot_yaml
 from llmsys.data.pretrain import token_dtype
 from llmsys.data.sources import (
@@ -259,11 +259,8 @@ def chat_template_for(tokenizer: Tokenizer, choice: str = "auto") -> ChatMLTempl
 
 
 def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
-    try:
-        manifest = json.loads((cache_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    manifest = read_manifest(cache_dir, MANIFEST_FILE, FORMAT_VERSION)
+    if manifest is None:
         return None
     try:
         itemsize = np.dtype(manifest["dtype"]).itemsize
