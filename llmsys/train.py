@@ -61,6 +61,8 @@ def run_stage(cfg: DictConfig) -> dict:
     try:
         if config.stage.name == "pretrain":
             from llmsys.trainers.pretrain import run
+        else:  # sft
+            from llmsys.trainers.sft import run
         summary = run(config, dist)
         ok = True
         return summary

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 # Stages that have a trainer in this version. Later stages (sft, reward, ppo, dpo) add theirs here.
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 ATTENTION_IMPLS = ("sdpa", "triton", "flash_attn")
 LOSS_IMPLS = ("eager", "fused")
 OP_IMPLS = ("torch", "fused")
@@ -38,7 +38,7 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
 @dataclass
 class StageConfig:
     name: str = "pretrain"
-    """Which training stage runs: pretrain (sft, reward, ppo and dpo follow in later versions)."""
+    """Which training stage runs: pretrain or sft (reward, ppo and dpo follow in later versions)."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, STAGES, "stage.name")
