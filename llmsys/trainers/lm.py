@@ -25,7 +25,6 @@ from llmsys.distributed import (
     Engine,
     all_reduce_sum,
     barrier,
-    broadcast_object,
     latest_checkpoint,
 )
 from llmsys.models import Transformer, count_parameters, flops_per_token, load_state, read_config, resolve_vocab_size
