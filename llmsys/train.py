@@ -47,6 +47,13 @@ def _configure_logging() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+def _trainer(stage: str):
+    """The ``run(config, dist)`` of a stage's trainer module (imported on demand: each pulls its own deps)."""
+    import importlib
+
+    return importlib.import_module(f"llmsys.trainers.{stage}").run
+
+
 def run_stage(cfg: DictConfig) -> dict:
     """Validate the composed config, join the process group and run the selected stage's trainer."""
     from llmsys.distributed import init_distributed, shutdown
@@ -59,11 +66,7 @@ def run_stage(cfg: DictConfig) -> dict:
     dist = init_distributed(config.deepspeed)
     ok = False
     try:
-        if config.stage.name == "pretrain":
-            from llmsys.trainers.pretrain import run
-        else:  # sft
-            from llmsys.trainers.sft import run
-        summary = run(config, dist)
+        summary = _trainer(config.stage.name)(config, dist)
         ok = True
         return summary
     finally:

@@ -18,6 +18,7 @@ from llmsys.config.schema import (  # noqa: F401  (re-exported)
     DataConfig,
     DeepSpeedConfig,
     LoggerConfig,
+    LoRAConfig,
     ModelConfig,
     OptimConfig,
     StageConfig,

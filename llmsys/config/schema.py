@@ -12,14 +12,17 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-# Stages that have a trainer in this version. Later stages (sft, reward, ppo, dpo) add theirs here.
-STAGES = ("pretrain", "sft")
+# Stages that have a trainer in this version (GRPO follows later).
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 ATTENTION_IMPLS = ("sdpa", "triton", "flash_attn")
 LOSS_IMPLS = ("eager", "fused")
 OP_IMPLS = ("torch", "fused")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class ConfigError(ValueError):
@@ -38,10 +41,37 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
 @dataclass
 class StageConfig:
     name: str = "pretrain"
-    """Which training stage runs: pretrain or sft (reward, ppo and dpo follow in later versions)."""
+    """Which training stage runs: pretrain, sft, reward (Bradley-Terry reward model), ppo or dpo."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, STAGES, "stage.name")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, "LoRA"): W x + (alpha / rank) * B A x on the targeted projections,
+    with every other weight of the model frozen. The export merges them into W (see ``llmsys.models.lora``)."""
+
+    rank: int = 0
+    """Adapter rank r; 0 turns LoRA off (all weights train)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only); the frozen path sees the input unchanged."""
+    targets: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    """Projections that get adapters, in every block: wq, wk, wv, wo (attention), w1, w2, w3 (SwiGLU MLP)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and self.rank >= 0, "model.lora.rank",
+               f"must be an integer >= 0 (0 = off), got {self.rank!r}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be positive, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        for target in self.targets:
+            _one_of(target, LORA_TARGETS, "model.lora.targets")
+        _check(len(set(self.targets)) == len(self.targets), "model.lora.targets",
+               f"lists a projection twice: {list(self.targets)}")
+        _check(self.rank == 0 or len(self.targets) > 0, "model.lora.targets",
+               f"is empty, but model.lora.rank={self.rank}; name at least one of {', '.join(LORA_TARGETS)}")
 
 
 @dataclass
@@ -96,8 +126,12 @@ class ModelConfig:
     init_from: Optional[str] = None
     """Start from an exported llmsys model directory (``.../final``) or a Hugging Face Llama-family
     model directory (see ``llmsys.models.hf``) instead of random weights."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters; ``model.lora.rank > 0`` trains only them and freezes every other weight."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # read back from an export's config.json
+            self.lora = LoRAConfig(**self.lora)
         for key in ("dim", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple", "ffn_multiple_of"):
             _check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
         _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
@@ -172,11 +206,14 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where tokenizers and packed token files are cached; None uses $LLMSYS_HOME/data."""
     sft_overflow: str = "truncate"
-    """SFT only: an example longer than ``seq_len`` tokens is ``truncate``d (its first ``seq_len``
-    tokens kept; dropped if no assistant token is left) or ``drop``ped. Counts go to the manifest."""
+    """SFT: an example longer than ``seq_len`` tokens is ``truncate``d (its first ``seq_len``
+    tokens kept; dropped if no assistant token is left) or ``drop``ped. Preference pairs: ``truncate``
+    keeps the prompt's last and the responses' first tokens (llmsys/data/preference.py) or ``drop``s
+    the pair. Counts go to the manifest."""
     chat_template: str = "auto"
-    """SFT only: ``auto`` uses the tokenizer's own chat template (tokenizer_config.json, rendered by
-    `transformers`) when it has one, else the built-in ChatML; ``chatml`` always uses the built-in."""
+    """SFT and preference data: ``auto`` uses the tokenizer's own chat template (tokenizer_config.json,
+    rendered by `transformers`) when it has one, else the built-in ChatML; ``chatml`` always uses the
+    built-in."""
 
     def __post_init__(self) -> None:
         _check(self.sft_overflow in ("truncate", "drop"), "data.sft_overflow",
@@ -321,6 +358,97 @@ class LoggerConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (stage=dpo; Rafailov et al. 2023)."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference model."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid loss only)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo (Azar et al. 2023)."""
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "dpo.beta", f"must be positive, got {self.beta}")
+        _check(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _one_of(self.loss_type, DPO_LOSSES, "dpo.loss_type")
+        _check(self.loss_type == "sigmoid" or self.label_smoothing == 0.0, "dpo.label_smoothing",
+               "applies to the sigmoid loss only")
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a learned reward (stage=ppo; Ouyang et al. 2022, Ziegler et al. 2019).
+
+    The actor starts from ``model.init_from`` (the SFT export), which is also the frozen reference.
+    One iteration (= one ``trainer.max_steps`` step): generate ``rollout_batch_size`` responses, score
+    them, then ``ppo_epochs`` passes over minibatches of ``trainer.global_batch_size`` sequences.
+    """
+
+    reward_model: Optional[str] = None
+    """The reward stage's export directory (``.../final``). Required."""
+    critic_from: Optional[str] = None
+    """Where the critic (value model) starts: a reward export or an LM export; None = reward_model."""
+    rollout_batch_size: int = 32
+    """Prompts per iteration over all ranks (a multiple of trainer.global_batch_size)."""
+    max_new_tokens: int = 32
+    """Longest generated response."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (0 = greedy); log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range."""
+    value_clip_eps: float = 0.2
+    """Value clip range around the rollout's values."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight in the policy loss."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_estimator: str = "k1"
+    """Per-token KL(actor || reference) estimator in the reward: k1, k2 or k3."""
+    init_kl_coef: float = 0.05
+    """beta of the KL penalty (its start value when adaptive)."""
+    adaptive_kl: bool = False
+    """Adapt beta towards ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target sequence KL for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in rollouts) of the adaptive controller."""
+    reward_clip: float = 0.0
+    """Clip reward-model scores to [-c, c]; 0 disables."""
+    normalize_reward: bool = True
+    """Whiten scores with running statistics before the KL penalty is added."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that hit max_new_tokens without the end-of-turn token."""
+    critic_lr: float = 0.0
+    """Critic learning rate; 0 uses optim.lr."""
+    critic_warmup_iters: int = 0
+    """Iterations at the start that update the critic only (the actor waits for sane values)."""
+    offload_frozen: bool = False
+    """Keep the frozen reference and reward models' parameters in CPU memory (ZeRO-3 param offload)."""
+    log_samples: int = 2
+    """Decoded (prompt, response, score) examples written to samples.jsonl per iteration."""
+
+    def __post_init__(self) -> None:
+        for key in ("rollout_batch_size", "max_new_tokens", "ppo_epochs", "kl_horizon"):
+            _check(getattr(self, key) > 0, f"ppo.{key}", f"must be positive, got {getattr(self, key)}")
+        _check(self.temperature >= 0, "ppo.temperature", "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "ppo.top_p", "must be in (0, 1]")
+        for key in ("clip_eps", "value_clip_eps", "entropy_coef", "init_kl_coef", "reward_clip",
+                    "missing_eos_penalty", "critic_lr", "critic_warmup_iters", "log_samples"):
+            _check(getattr(self, key) >= 0, f"ppo.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(0.0 < self.gamma <= 1.0, "ppo.gamma", "must be in (0, 1]")
+        _check(0.0 <= self.lam <= 1.0, "ppo.lam", "must be in [0, 1]")
+        _check(self.kl_target > 0, "ppo.kl_target", "must be positive")
+        _one_of(self.kl_estimator, KL_ESTIMATORS, "ppo.kl_estimator")
+
+
+@dataclass
 class Config:
     stage: StageConfig = MISSING
     model: ModelConfig = MISSING
@@ -329,7 +457,19 @@ class Config:
     trainer: TrainerConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     logger: LoggerConfig = MISSING
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
+        if self.stage.name in ("reward", "ppo", "dpo"):
+            _check(bool(self.model.init_from), "model.init_from",
+                   f"stage={self.stage.name} starts from a previous stage's export; set model.init_from=DIR "
+                   f"(an llmsys export such as outputs/sft-tiny-chat/final, or a Hugging Face model directory)")
+        if self.stage.name == "ppo":
+            _check(bool(self.ppo.reward_model), "ppo.reward_model",
+                   "stage=ppo needs the reward stage's export: ppo.reward_model=DIR")
+            _check(self.ppo.rollout_batch_size % self.trainer.global_batch_size == 0, "ppo.rollout_batch_size",
+                   f"{self.ppo.rollout_batch_size} is not a multiple of trainer.global_batch_size="
+                   f"{self.trainer.global_batch_size}")
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

@@ -1,12 +1,33 @@
 """Data for every training stage: pre-training and supervised fine-tuning.
 
 ``sources`` reads documents (local .txt/.md/.jsonl/.parquet or a `datasets` source), ``tokenizer``
-loads or trains the tokenizer, ``sft`` turns conversations into masked, packed examples, ``pretrain`` packs token files into a cache and serves blocks, and
+loads or trains the tokenizer, ``sft`` turns conversations into masked, packed examples,
+``preference`` turns ranked answers into (prompt, chosen, rejected) pairs and prompt sets for the
+alignment stages, ``pretrain`` packs token files into a cache and serves blocks, and
 ``embedded`` finds corpora shipped inside installed packages. ``cache`` holds the atomic,
 content-addressed cache directories they share.
 """
 from llmsys.data.cache import data_cache_root
-from llmsys.data.embedded import EMBEDDED_CORPORA, SFT_CORPORA, embedded_corpus_path
+from llmsys.data.embedded import (
+    EMBEDDED_CORPORA,
+    GENERATED_CORPORA,
+    PREFERENCE_CORPORA,
+    SFT_CORPORA,
+    embedded_corpus_path,
+)
+from llmsys.data.preference import (
+    PreferenceData,
+    PreferencePair,
+    PreferencePairs,
+    PromptSet,
+    collate_pairs,
+    embedded_prefs_path,
+    iter_preference_rows,
+    iter_prompts,
+    load_preference_data,
+    load_prompts,
+    prepare_preference_data,
+)
 from llmsys.data.pretrain import (
     BlockSampler,
     PretrainData,
@@ -56,14 +77,20 @@ __all__ = [
     "DataError",
     "EMBEDDED_CORPORA",
     "EOS_TOKEN",
+    "GENERATED_CORPORA",
     "HFDataset",
     "IGNORE_INDEX",
     "IM_END_TOKEN",
     "IM_START_TOKEN",
     "LocalFiles",
     "PAD_TOKEN",
+    "PREFERENCE_CORPORA",
     "PackedSFT",
+    "PreferenceData",
+    "PreferencePair",
+    "PreferencePairs",
     "PretrainData",
+    "PromptSet",
     "SFTData",
     "SFTExamples",
     "SFT_CORPORA",
@@ -74,18 +101,25 @@ __all__ = [
     "chat_template_for",
     "collate_blocks",
     "collate_packed",
+    "collate_pairs",
     "collate_padded",
     "data_cache_root",
     "embedded_corpus_path",
+    "embedded_prefs_path",
     "format_and_stop_rate",
     "get_tokenizer",
     "iter_conversations",
     "iter_documents",
+    "iter_preference_rows",
+    "iter_prompts",
+    "load_preference_data",
     "load_pretrain_data",
+    "load_prompts",
     "load_sft_data",
     "load_tokenizer",
     "open_source",
     "pack_examples",
+    "prepare_preference_data",
     "prepare_pretrain_data",
     "prepare_sft_data",
     "source_fingerprint",

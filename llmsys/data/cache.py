@@ -80,7 +80,7 @@ def remove_stale_temp_dirs(final: Path) -> None:
         shutil.rmtree(candidate, ignore_errors=True)
 
 
-def build_once(final: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> bool:
+def build_once(final: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], object]) -> bool:
     """Make sure ``final`` holds a complete artefact; return True if this call built it.
 
     ``build(tmp)`` fills an empty temporary directory; ``is_complete(dir)`` tells a finished
@@ -109,6 +109,28 @@ def build_once(final: Path, is_complete: Callable[[Path], bool], build: Callable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return True
+
+
+def build_keyed(final: Path, key: str, read: Callable[[Path], Optional[dict]],
+                build: Callable[[Path], object]) -> tuple[dict, bool]:
+    """:func:`build_once` for an artefact whose manifest records its ``key``; return ``(manifest, built)``.
+
+    ``read(dir)`` is the manifest of a complete directory, else None; a directory is reused only
+    when that manifest's ``key`` is ``key``. ``build(tmp)`` fills a temporary directory.
+    """
+    built = build_once(final, is_complete=lambda directory: (read(directory) or {}).get("key") == key,
+                       build=build)
+    manifest = read(final)
+    assert manifest is not None, f"{final} was just published without a valid manifest"
+    return manifest, built
+
+
+def write_manifest(directory: Path, name: str, manifest: dict) -> None:
+    """Write ``manifest`` as JSON to ``directory/name``.
+
+    Call it last: a directory without a valid manifest is never reused.
+    """
+    (directory / name).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read_manifest(cache_dir: Path, name: str, format_version: int) -> Optional[dict]:

@@ -11,6 +11,9 @@ question and one answer. Each conversation ``[turn_1, turn_2, ...]`` becomes alt
 assistant messages; a trailing user turn with no answer is dropped. Chosen over ``chitchat-dataset``
 because its answers are short and self-contained, so a tiny model can learn the reply format and
 where to stop within minutes on a CPU.
+
+``prefs`` is the alignment default: a preference file generated once from ``chatterbot`` and ranked
+by the rule-based annotator (see :func:`llmsys.data.preference.embedded_prefs_path`).
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ EMBEDDED_CORPORA: dict[str, tuple[str, str]] = {
 
 # Embedded corpora of conversations (read by llmsys.data.sft) rather than plain documents.
 SFT_CORPORA = frozenset({"chatterbot"})
+
+# Corpora generated once from an embedded one (name -> its source): ``prefs`` is a rule-ranked
+# preference file built from ``chatterbot`` (llmsys.data.preference.embedded_prefs_path).
+GENERATED_CORPORA: dict[str, str] = {"prefs": "chatterbot"}
+PREFERENCE_CORPORA = frozenset({"prefs"})
 
 CHATTERBOT_EXTENSIONS = (".yml", ".yaml")
 
@@ -74,11 +82,15 @@ def read_chatterbot_yaml(path: Path) -> Iterator[tuple[int, list[dict[str, str]]
 
 
 def embedded_corpus_path(name: str) -> Path:
-    """The folder holding the embedded corpus ``name`` (usable as ``data.path``)."""
+    """The folder (or generated file) holding the embedded corpus ``name`` (usable as ``data.path``)."""
+    if name in GENERATED_CORPORA:
+        from llmsys.data.preference import embedded_prefs_path  # imports this module
+
+        return embedded_prefs_path()
     if name not in EMBEDDED_CORPORA:
         raise DataError(
             f"unknown embedded corpus {name!r} (data.path: ${{llmsys.corpus:{name}}}); "
-            f"expected one of: {', '.join(EMBEDDED_CORPORA)}"
+            f"expected one of: {', '.join([*EMBEDDED_CORPORA, *GENERATED_CORPORA])}"
         )
     package, folder = EMBEDDED_CORPORA[name]
     spec = importlib.util.find_spec(package)

@@ -16,7 +16,6 @@ needs to store only the optimizer step to resume the exact same stream, at any w
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import operator
 import os
@@ -33,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.cache import build_once, read_manifest, stable_hash
+from llmsys.data.cache import build_keyed, read_manifest, stable_hash, write_manifest
 from llmsys.data.sources import DataError, Source, open_source
 from llmsys.data.tokenizer import Tokenizer, tokenizer_for_source
 
@@ -184,8 +183,7 @@ def _build(directory: Path, cfg: DataConfig, source: Source, tokenizer: Tokenize
         "val_fraction": cfg.val_fraction,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    # Written last: a directory without a valid manifest is never reused.
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_manifest(directory, MANIFEST_FILE, manifest)
 
 
 def prepare_pretrain_data(cfg: DataConfig, cache_root: Path) -> Path:
@@ -198,13 +196,8 @@ def prepare_pretrain_data(cfg: DataConfig, cache_root: Path) -> Path:
     key = stable_hash("pretrain", FORMAT_VERSION, fingerprint, tokenizer.fingerprint, tokenizer.eos_id,
                       cfg.val_fraction)
     final = cache_root / "pretrain" / key
-    built = build_once(
-        final,
-        is_complete=lambda directory: (_read_manifest(directory) or {}).get("key") == key,
-        build=lambda directory: _build(directory, cfg, source, tokenizer, key, fingerprint),
-    )
-    manifest = _read_manifest(final)
-    assert manifest is not None, f"{final} was just published without a valid manifest"
+    manifest, built = build_keyed(
+        final, key, _read_manifest, lambda directory: _build(directory, cfg, source, tokenizer, key, fingerprint))
     logger.info(
         "%s pretraining data %s: %d documents, %d train tokens, %d val tokens (%s)",
         "Built" if built else "Reusing", final, manifest["num_documents"], manifest["train_tokens"],

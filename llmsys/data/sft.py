@@ -29,33 +29,37 @@ that token is a target, else -100, and the last position of every example is -10
 crosses an example boundary. :func:`pack_examples` fills rows of at most ``seq_len`` tokens with
 whole examples by best-fit decreasing (longest first; each goes into the open row with the least
 room that still fits it; ties by index), which is deterministic and wastes little.
+
+**Shared with preference data.** :mod:`llmsys.data.preference` reads and checks rows, builds its
+cache and serves it with the same pieces: :func:`iter_source_rows`, :func:`message_fields`,
+:func:`check_message`, :func:`resolve_tokenizer`, :func:`prepare_chat_cache`,
+:func:`read_chat_manifest`, :func:`write_sequences`, :func:`finish_chat_cache`,
+:func:`open_chat_cache` and :class:`SplitSequences`.
 """
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.cache import build_once, read_manifest, stable_hash
+from llmsys.data.cache import build_keyed, read_manifest, stable_hash, write_manifest
 from llmsys.data.embedded import CHATTERBOT_EXTENSIONS, read_chatterbot_yaml
 from llmsys.data.pretrain import token_dtype
 from llmsys.data.sources import (
     DataError,
-    HFDataset,
-    LocalFiles,
     json_type,
     list_files,
     load_hf_dataset,
-    open_parquet,
     read_jsonl_rows,
+    read_parquet_rows,
+    row_source_fingerprint,
 )
 from llmsys.data.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, Tokenizer, load_tokenizer
 
@@ -77,6 +81,21 @@ Messages = list[dict[str, str]]
 # -- reading rows -----------------------------------------------------------------------------------
 
 
+def message_fields(message: Any, where: str, label: str) -> tuple[Any, Any]:
+    """``(role, content)`` of a chat message object, unchecked; a :class:`DataError` if it is not one."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"{where}: {label} is not an object with 'role' and 'content'")
+    return message["role"], message["content"]
+
+
+def check_message(where: str, label: str, role: Any, content: Any) -> None:
+    """Fail with a :class:`DataError` (``"{where}: {label} ..."``) unless ``role`` is one of ROLES and ``content`` a string."""
+    if role not in ROLES:
+        raise DataError(f"{where}: {label} has role {role!r}; expected one of {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: {label} ({role}) content is a {json_type(content)}, expected a string")
+
+
 def row_to_messages(row: Any, where: str) -> Messages:
     """Validate one row (prompt/response or messages form) and return it as chat messages."""
     if not isinstance(row, dict):
@@ -88,9 +107,8 @@ def row_to_messages(row: Any, where: str) -> Messages:
                             f"{{'role', 'content'}} objects")
         messages = []
         for index, message in enumerate(raw):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DataError(f"{where}: messages[{index}] is not an object with 'role' and 'content'")
-            messages.append({"role": message["role"], "content": message["content"]})
+            role, content = message_fields(message, where, f"messages[{index}]")
+            messages.append({"role": role, "content": content})
     elif "prompt" in row and "response" in row:
         messages = []
         if row.get("system") is not None:
@@ -103,10 +121,7 @@ def row_to_messages(row: Any, where: str) -> Messages:
                         f"expected {{'messages': [...]}} or {{'prompt': ..., 'response': ...}}")
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {index} ({role}) content is a {json_type(content)}, expected a string")
+        check_message(where, f"message {index}", role, content)
         if role == "assistant" and not content.strip():
             raise DataError(f"{where}: message {index} is an empty assistant response; expected text")
     if not any(message["role"] == "assistant" for message in messages):
@@ -114,28 +129,22 @@ def row_to_messages(row: Any, where: str) -> Messages:
     return messages
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    parquet = open_parquet(path)
-    row_no = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield f"{path}: row {row_no}", row
+def iter_source_rows(cfg: DataConfig, extensions: tuple[str, ...], expected: str) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of every row of ``data.path`` (its ``extensions`` files) / ``data.dataset``, in a fixed order.
 
-
-def iter_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
-    """``(where, messages)`` for every conversation of ``data.path`` / ``data.dataset``, in a fixed order."""
+    JSON Lines, Parquet and `datasets` rows come as read (objects; ``expected`` says what a JSON Lines
+    row should hold, for its error message). A chatterbot YAML conversation comes as its list of
+    chat messages, already shaped by :func:`~llmsys.data.embedded.read_chatterbot_yaml`.
+    """
     if cfg.path is not None:
         root = Path(cfg.path).expanduser()
-        for file in list_files(root, SFT_EXTENSIONS):
+        for file in list_files(root, extensions):
             suffix = file.suffix.lower()
             if suffix == ".jsonl":
-                for line_no, row in read_jsonl_rows(file, "'messages' or 'prompt'/'response'"):
-                    where = f"{file}:{line_no}"
-                    yield where, row_to_messages(row, where)
+                for line_no, row in read_jsonl_rows(file, expected):
+                    yield f"{file}:{line_no}", row
             elif suffix == ".parquet":
-                for where, row in _parquet_rows(file):
-                    yield where, row_to_messages(row, where)
+                yield from read_parquet_rows(file)
             else:
                 for line_no, messages in read_chatterbot_yaml(file):
                     yield f"{file}:{line_no}", messages
@@ -144,17 +153,14 @@ def iter_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
         raise DataError("data.path and data.dataset are both unset; expected exactly one of them")
     dataset = load_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.split)
     for row_no, row in enumerate(dataset, start=1):
-        where = f"dataset {cfg.dataset!r} (split {cfg.split!r}): row {row_no}"
-        yield where, row_to_messages(row, where)
+        yield f"dataset {cfg.dataset!r} (split {cfg.split!r}): row {row_no}", row
 
 
-def _source_fingerprint(cfg: DataConfig) -> str:
-    if cfg.path is not None:
-        root = Path(cfg.path).expanduser()
-        return LocalFiles(root, list_files(root, SFT_EXTENSIONS), "sft").fingerprint()
-    assert cfg.dataset is not None
-    dataset = load_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.split)
-    return HFDataset(cfg.dataset, cfg.dataset_config, cfg.split, "sft", dataset).fingerprint()
+def iter_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
+    """``(where, messages)`` for every conversation of ``data.path`` / ``data.dataset``, in a fixed order."""
+    for where, row in iter_source_rows(cfg, SFT_EXTENSIONS, "'messages' or 'prompt'/'response'"):
+        # A chatterbot conversation is already a message list; every other row is validated.
+        yield where, row if isinstance(row, list) else row_to_messages(row, where)
 
 
 # -- templates -------------------------------------------------------------------------------------
@@ -255,11 +261,28 @@ def chat_template_for(tokenizer: Tokenizer, choice: str = "auto") -> ChatMLTempl
     return ChatMLTemplate(tokenizer)
 
 
-# -- building the cache ----------------------------------------------------------------------------
+# -- chat-token caches (shared with llmsys.data.preference) ---------------------------------------
 
 
-def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
-    manifest = read_manifest(cache_dir, MANIFEST_FILE, FORMAT_VERSION)
+def resolve_tokenizer(cfg: DataConfig, tokenizer: Optional[Tokenizer], needed_by: str) -> Tokenizer:
+    """``tokenizer``, else ``data.tokenizer`` loaded; ``needed_by`` opens the error when neither is given."""
+    if tokenizer is not None:
+        return tokenizer
+    if not cfg.tokenizer:
+        raise DataError(f"{needed_by}: set data.tokenizer (the model's directory holding tokenizer.json) "
+                        f"or pass tokenizer=")
+    return load_tokenizer(cfg.tokenizer)
+
+
+def read_chat_manifest(cache_dir: Path, format_version: int, byte_per_token: Sequence[str] = (),
+                       files: Sequence[str] = ()) -> Optional[dict[str, Any]]:
+    """The manifest of ``cache_dir`` if it is a complete chat-token cache of ``format_version``, else None.
+
+    Complete: per split, ``{split}_tokens.bin`` holds the manifest's ``{split}_tokens`` tokens of its
+    ``dtype``, each ``{split}_{name}`` of ``byte_per_token`` one byte per token, each of ``files`` is
+    present; and so is ``tokenizer/tokenizer.json``.
+    """
+    manifest = read_manifest(cache_dir, MANIFEST_FILE, format_version)
     if manifest is None:
         return None
     try:
@@ -267,14 +290,91 @@ def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
         for split in SPLITS:
             tokens = int(manifest[f"{split}_tokens"])
             if ((cache_dir / f"{split}_tokens.bin").stat().st_size != tokens * itemsize
-                    or (cache_dir / f"{split}_targets.bin").stat().st_size != tokens
-                    or not (cache_dir / f"{split}_offsets.npy").is_file()):
+                    or any((cache_dir / f"{split}_{name}").stat().st_size != tokens for name in byte_per_token)
+                    or not all((cache_dir / f"{split}_{name}").is_file() for name in files)):
                 return None
     except (KeyError, TypeError, ValueError, OSError):
         return None
     if not (cache_dir / TOKENIZER_DIR / "tokenizer.json").is_file():
         return None
     return manifest
+
+
+# build(directory, cfg, tokenizer, template, key, source fingerprint) -> manifest
+ChatCacheBuilder = Callable[[Path, DataConfig, Tokenizer, Any, str, str], dict[str, Any]]
+
+
+def prepare_chat_cache(kind: str, format_version: int, cfg: DataConfig, cache_root: Path | str,
+                       tokenizer: Tokenizer, extensions: tuple[str, ...],
+                       read: Callable[[Path], Optional[dict[str, Any]]],
+                       build: ChatCacheBuilder) -> tuple[Path, dict[str, Any], bool]:
+    """Build (or reuse) ``<cache_root>/<kind>/<key>/`` from the rows of ``cfg``; return ``(directory, manifest, built)``.
+
+    ``key`` hashes ``kind``, ``format_version``, the source (its ``extensions`` files or dataset), the
+    tokenizer, the chat template of ``data.chat_template`` (a tokenizer's own: its Jinja text; else
+    its name), ``seq_len``, ``sft_overflow`` and ``val_fraction``. ``read`` validates a directory
+    (:func:`read_chat_manifest`); ``build`` fills one and returns its manifest.
+    """
+    template = chat_template_for(tokenizer, cfg.chat_template)
+    fingerprint = row_source_fingerprint(cfg, extensions, kind)
+    template_id = template.template if isinstance(template, HFChatTemplate) else template.name
+    key = stable_hash(kind, format_version, fingerprint, tokenizer.fingerprint, template_id, cfg.seq_len,
+                      cfg.sft_overflow, cfg.val_fraction)
+    final = Path(cache_root) / kind / key
+    manifest, built = build_keyed(
+        final, key, read, lambda directory: build(directory, cfg, tokenizer, template, key, fingerprint))
+    return final, manifest, built
+
+
+def write_sequences(directory: Path, split: str, sequences: Sequence[Sequence[int]], dtype: np.dtype) -> int:
+    """Write ``{split}_tokens.bin`` (the sequences concatenated) and ``{split}_offsets.npy``; return the token count."""
+    lengths = np.array([len(ids) for ids in sequences], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.array([t for ids in sequences for t in ids], dtype=dtype).tofile(directory / f"{split}_tokens.bin")
+    np.save(directory / f"{split}_offsets.npy", offsets)
+    return int(offsets[-1])
+
+
+def finish_chat_cache(directory: Path, manifest: dict[str, Any], cfg: DataConfig, tokenizer: Tokenizer,
+                      template: Any, fingerprint: str, counts: dict[str, int]) -> dict[str, Any]:
+    """Save the tokenizer, add the build settings to ``manifest`` and write it (last); return it."""
+    tokenizer.save(directory / TOKENIZER_DIR)
+    manifest.update({
+        "source": str(cfg.path or cfg.dataset),
+        "source_fingerprint": fingerprint,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "template": template.name,
+        "seq_len": cfg.seq_len,
+        "sft_overflow": cfg.sft_overflow,
+        "val_fraction": cfg.val_fraction,
+        "counts": counts,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    write_manifest(directory, MANIFEST_FILE, manifest)
+    return manifest
+
+
+def open_chat_cache(cache_dir: Path | str, read: Callable[[Path], Optional[dict[str, Any]]], format_version: int,
+                    what: str, hint: str, split_class: Callable[[Path, str, str], Any]
+                    ) -> tuple[Any, Any, Tokenizer, dict[str, Any]]:
+    """``(train, val, tokenizer, manifest)`` of a complete cache, the splits as ``split_class(dir, split, dtype)``.
+
+    An incomplete one fails with a :class:`DataError` naming it a ``what`` cache and ending with ``hint``.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read(cache_dir)
+    if manifest is None:
+        raise DataError(f"{cache_dir}: not a complete {what} cache of format {format_version} ({MANIFEST_FILE} "
+                        f"missing or invalid, or files truncated); {hint}")
+    return (split_class(cache_dir, "train", manifest["dtype"]), split_class(cache_dir, "val", manifest["dtype"]),
+            Tokenizer.from_dir(cache_dir / TOKENIZER_DIR), manifest)
+
+
+# -- building the cache ----------------------------------------------------------------------------
+
+
+def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
+    return read_chat_manifest(cache_dir, FORMAT_VERSION, byte_per_token=("targets.bin",), files=("offsets.npy",))
 
 
 def _build(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, template: Any, key: str,
@@ -307,28 +407,11 @@ def _build(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, template: Any
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": key, "dtype": dtype.name}
     for split in SPLITS:
         chosen = [examples[i] for i in range(len(examples)) if (i in val_set) == (split == "val")]
-        lengths = np.array([len(ids) for ids, _ in chosen], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        np.array([t for ids, _ in chosen for t in ids], dtype=dtype).tofile(directory / f"{split}_tokens.bin")
+        tokens = write_sequences(directory, split, [ids for ids, _ in chosen], dtype)
         np.array([m for _, mask in chosen for m in mask], dtype=np.uint8).tofile(directory / f"{split}_targets.bin")
-        np.save(directory / f"{split}_offsets.npy", offsets)
         manifest[f"{split}_examples"] = len(chosen)
-        manifest[f"{split}_tokens"] = int(offsets[-1])
-    tokenizer.save(directory / TOKENIZER_DIR)
-    manifest.update({
-        "source": str(cfg.path or cfg.dataset),
-        "source_fingerprint": fingerprint,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "template": template.name,
-        "seq_len": cfg.seq_len,
-        "sft_overflow": cfg.sft_overflow,
-        "val_fraction": cfg.val_fraction,
-        "counts": counts,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
-    # Written last: a directory without a valid manifest is never reused.
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+        manifest[f"{split}_tokens"] = tokens
+    return finish_chat_cache(directory, manifest, cfg, tokenizer, template, fingerprint, counts)
 
 
 def prepare_sft_data(cfg: DataConfig, cache_root: Path | str, tokenizer: Optional[Tokenizer] = None) -> Path:
@@ -336,24 +419,9 @@ def prepare_sft_data(cfg: DataConfig, cache_root: Path | str, tokenizer: Optiona
 
     ``tokenizer`` must be the one of the model being fine-tuned; without it ``data.tokenizer`` is loaded.
     """
-    if tokenizer is None:
-        if not cfg.tokenizer:
-            raise DataError("SFT needs the tokenizer of the model it fine-tunes: set data.tokenizer (the "
-                            "model's directory holding tokenizer.json) or pass tokenizer=")
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    template = chat_template_for(tokenizer, cfg.chat_template)
-    fingerprint = _source_fingerprint(cfg)
-    template_id = template.template if isinstance(template, HFChatTemplate) else template.name
-    key = stable_hash("sft", FORMAT_VERSION, fingerprint, tokenizer.fingerprint, template_id, cfg.seq_len,
-                      cfg.sft_overflow, cfg.val_fraction)
-    final = Path(cache_root) / "sft" / key
-    built = build_once(
-        final,
-        is_complete=lambda directory: (_read_manifest(directory) or {}).get("key") == key,
-        build=lambda directory: _build(directory, cfg, tokenizer, template, key, fingerprint),
-    )
-    manifest = _read_manifest(final)
-    assert manifest is not None, f"{final} was just published without a valid manifest"
+    tokenizer = resolve_tokenizer(cfg, tokenizer, "SFT needs the tokenizer of the model it fine-tunes")
+    final, manifest, built = prepare_chat_cache("sft", FORMAT_VERSION, cfg, cache_root, tokenizer, SFT_EXTENSIONS,
+                                                _read_manifest, _build)
     counts = manifest["counts"]
     logger.info(
         "%s SFT data %s (%s template): %d conversations -> kept %d (truncated %d), dropped %d "
@@ -368,35 +436,52 @@ def prepare_sft_data(cfg: DataConfig, cache_root: Path | str, tokenizer: Optiona
 # -- serving ---------------------------------------------------------------------------------------
 
 
-class SFTExamples:
-    """One split of a cache: example ``i`` as ``(input_ids, labels)`` long tensors of its length ``L``."""
+class SplitSequences:
+    """The token sequences of one split of a chat-token cache (SFT examples, preference sequences).
+
+    Sequence ``i`` is ``{split}_tokens.bin[offsets[i]:offsets[i + 1]]`` (``{split}_offsets.npy``).
+    """
 
     def __init__(self, directory: Path, split: str, dtype: str) -> None:
         self.directory = Path(directory)
         self.split = split
         self.dtype = np.dtype(dtype)
         self.offsets = np.load(self.directory / f"{split}_offsets.npy")
-        self.lengths = np.diff(self.offsets)
         self._tokens: Optional[np.memmap] = None
-        self._targets: Optional[np.memmap] = None
 
-    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
-        # Opened lazily so that DataLoader workers each map the files instead of pickling pages.
+    def _map(self, name: str, dtype: Any) -> np.memmap:
+        """``{split}_{name}``, one ``dtype`` item per token, memory-mapped read-only."""
+        total = int(self.offsets[-1])
+        return np.memmap(self.directory / f"{self.split}_{name}", dtype, "r", shape=(total,))
+
+    def sequence(self, index: int) -> np.ndarray:
+        """The token ids of sequence ``index`` (int64)."""
+        # Mapped lazily so that DataLoader workers each map the file instead of pickling pages.
         if self._tokens is None:
-            total = int(self.offsets[-1])
-            self._tokens = np.memmap(self.directory / f"{self.split}_tokens.bin", self.dtype, "r", shape=(total,))
-            self._targets = np.memmap(self.directory / f"{self.split}_targets.bin", np.uint8, "r", shape=(total,))
-        assert self._targets is not None
-        return self._tokens, self._targets
+            self._tokens = self._map("tokens.bin", self.dtype)
+        return self._tokens[int(self.offsets[index]):int(self.offsets[index + 1])].astype(np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}
+
+
+class SFTExamples(SplitSequences):
+    """One split of a cache: example ``i`` as ``(input_ids, labels)`` long tensors of its length ``L``."""
+
+    def __init__(self, directory: Path, split: str, dtype: str) -> None:
+        super().__init__(directory, split, dtype)
+        self.lengths = np.diff(self.offsets)
+        self._targets: Optional[np.memmap] = None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and target flags of example ``index``."""
-        tokens, targets = self._maps()
+        if self._targets is None:  # mapped lazily, as the tokens
+            self._targets = self._map("targets.bin", np.uint8)
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return tokens[start:stop].astype(np.int64), targets[start:stop].astype(bool)
+        return self.sequence(index), self._targets[start:stop].astype(bool)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < len(self):
@@ -407,7 +492,7 @@ class SFTExamples:
         return torch.from_numpy(ids), torch.from_numpy(labels)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None, "_targets": None}
+        return {**super().__getstate__(), "_targets": None}
 
 
 def pack_examples(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -493,14 +578,8 @@ class SFTData:
 
 def load_sft_data(cache_dir: Path | str) -> SFTData:
     """Open a directory written by :func:`prepare_sft_data` (memory-mapped; instant)."""
-    cache_dir = Path(cache_dir)
-    manifest = _read_manifest(cache_dir)
-    if manifest is None:
-        raise DataError(f"{cache_dir}: not a complete SFT cache of format {FORMAT_VERSION} ({MANIFEST_FILE} "
-                        f"missing or invalid, or files truncated); run prepare_sft_data to build it")
-    return SFTData(train=SFTExamples(cache_dir, "train", manifest["dtype"]),
-                   val=SFTExamples(cache_dir, "val", manifest["dtype"]),
-                   tokenizer=Tokenizer.from_dir(cache_dir / TOKENIZER_DIR), manifest=manifest)
+    return SFTData(*open_chat_cache(cache_dir, _read_manifest, FORMAT_VERSION, "SFT",
+                                    "run prepare_sft_data to build it", SFTExamples))
 
 
 # -- measurement -----------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ lone EOS.
 Bad input fails with :class:`DataError`, whose message names the file (and 1-based line where
 there is one), the field and what was expected, because a typo in a 10 GB corpus should not cost
 an hour of tokenisation before surfacing as a shape error.
+
+The row-based readers (SFT conversations, preference data) read whole rows instead of one text
+field, through :func:`read_jsonl_rows`, :func:`read_parquet_rows` and :func:`row_source_fingerprint`.
 """
 from __future__ import annotations
 
@@ -136,6 +139,16 @@ def open_parquet(path: Path) -> pq.ParquetFile:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file ({err}); expected a .parquet file") from None
+
+
+def read_parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every row of a Parquet file, ``where`` being ``"{path}: row {n}"`` (1-based)."""
+    parquet = open_parquet(path)
+    row_no = 0
+    for batch in parquet.iter_batches(batch_size=_READ_BATCH_ROWS):
+        for row in batch.to_pylist():
+            row_no += 1
+            yield f"{path}: row {row_no}", row
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
@@ -387,3 +400,17 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
 def source_fingerprint(cfg: DataConfig) -> str:
     """A hash that changes whenever the corpus (or the field read from it) changes."""
     return open_source(cfg).fingerprint()
+
+
+def row_source_fingerprint(cfg: DataConfig, extensions: tuple[str, ...], label: str) -> str:
+    """A hash that changes whenever the row files (``extensions``) or dataset of ``cfg`` change.
+
+    For the row-based readers (SFT, preference data), which read whole rows rather than one text
+    field: ``label`` takes the place of ``data.text_field`` in the identity hashed.
+    """
+    if cfg.path is not None:
+        root = Path(cfg.path).expanduser()
+        return LocalFiles(root, list_files(root, extensions), label).fingerprint()
+    assert cfg.dataset is not None
+    dataset = load_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.split)
+    return HFDataset(cfg.dataset, cfg.dataset_config, cfg.split, label, dataset).fingerprint()

@@ -41,6 +41,7 @@ KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Bumped when train_bpe_tokenizer's recipe changes, so cached tokenizers are retrained.
 _BPE_RECIPE_VERSION = 1
@@ -208,6 +209,10 @@ class Tokenizer:
                 raise DataError(f"{config_file}: invalid JSON ({err}); expected a JSON object") from None
             if not isinstance(config, dict):
                 raise DataError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+        # Recent transformers versions save the chat template beside tokenizer_config.json, not inside it.
+        template_file = directory / CHAT_TEMPLATE_FILE
+        if not config.get("chat_template") and template_file.is_file():
+            config["chat_template"] = template_file.read_text(encoding="utf-8")
         return _with_roles(backend, config, origin=str(directory))
 
     # Pickling (datasets' worker processes): the Rust object's encode_special_tokens flag is not

@@ -53,17 +53,20 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the weight matrices of Linear and Embedding layers only (not norms, not biases), each tensor
-    once even if tied. Decided by module type and name, not shape: ZeRO-3 has flattened the shapes."""
+    """Decay the weight matrices of Linear and Embedding layers and LoRA adapters only (not norms, not
+    biases), each tensor once even if tied. Decided by module type and name, not shape: ZeRO-3 has
+    flattened the shapes. Frozen parameters are left out, and so is a group left empty by them (LoRA
+    freezes every norm; DeepSpeed's ZeRO optimizers cannot flatten an empty group)."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
+            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name in ("weight", "lora_A", "lora_B")
             (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, trainer: TrainerConfig, world_size: int) -> dict:
@@ -138,10 +141,14 @@ class Engine:
 
     def __init__(self, model_factory: Callable[[], nn.Module], *, ds: DeepSpeedConfig, optim: OptimConfig,
                  trainer: TrainerConfig, dist: DistInfo, max_steps: int,
-                 init_state: Optional[dict[str, torch.Tensor]] = None):
+                 init_state: Optional[dict[str, torch.Tensor]] = None,
+                 fresh_param: Optional[Callable[[str], bool]] = None):
+        """``init_state``: full initial weights (rank 0 only under ZeRO-3); ``fresh_param(name)`` names the
+        parameters it may lack, which keep their constructor init (a reward model's new head)."""
         import deepspeed
 
         self.dist, self.ds_cfg = dist, ds
+        self._fresh_param = fresh_param or (lambda name: False)
         self.config = deepspeed_config(ds, optim, trainer, dist.world_size)
         # Under ZeRO-3 each rank materialises only its shard of every parameter as it is built, so a
         # model larger than one device's memory can be constructed at all.
@@ -266,16 +273,20 @@ class Engine:
         """Copy full weights into a (possibly ZeRO-3 partitioned) model before the engine wraps it.
 
         Collective under ZeRO-3: every rank calls it; only rank 0 needs ``state`` (others pass ``{}``).
+        LoRA adapters may be absent (a base model's export has none): they keep their constructor init.
         """
         import deepspeed
 
-        missing = [n for n, _ in model.named_parameters() if n not in state]
+        from llmsys.models.lora import is_lora_param
+
+        missing = [n for n, _ in model.named_parameters()
+                   if n not in state and not is_lora_param(n) and not self._fresh_param(n)]
         if state and missing:
             raise KeyError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
         params = dict(model.named_parameters())
         for name, p in params.items():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.ds_cfg.stage == 3):
-                if state:
+                if name in state:
                     src = state[name]
                     if src.shape != p.shape:
                         raise ValueError(f"initial weight {name} has shape {tuple(src.shape)}, "
@@ -301,3 +312,48 @@ class Engine:
                     for name, p in own:
                         state[f"{mod_name}.{name}" if mod_name else name] = p.detach().to("cpu", copy=True)
         return state if self.dist.is_main else None
+
+
+class FrozenModel:
+    """A model that is only evaluated (PPO's reference and reward models): never stepped, never saved.
+
+    Under ZeRO 0-2 every rank holds a full copy in eval mode. Under ZeRO-3 the parameters are
+    partitioned like the trained models' (DeepSpeed's engine without an optimizer, as DeepSpeed-Chat
+    does for its reference model), and with ``offload`` they live in CPU memory between uses; every
+    rank must then call it the same number of times.
+    """
+
+    def __init__(self, model_factory: Callable[[], nn.Module], *, ds: DeepSpeedConfig, trainer: TrainerConfig,
+                 dist: DistInfo, init_state: dict[str, torch.Tensor],
+                 fresh_param: Optional[Callable[[str], bool]] = None, offload: bool = False):
+        import deepspeed
+
+        self.dist, self.ds_cfg = dist, ds
+        self._fresh_param = fresh_param or (lambda name: False)
+        zero3 = ds.stage == 3
+        bf16 = trainer.precision == "bf16"
+        zero: dict = {"stage": 3 if zero3 else 0}
+        if zero3:
+            zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+            if offload:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        config = {"train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+                  "train_batch_size": trainer.micro_batch_size * dist.world_size,
+                  "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 2**31 - 1}
+        with deepspeed.zero.Init(config_dict_or_path=config, enabled=zero3):
+            model = model_factory()
+        Engine._load_module_state(self, model, init_state)  # type: ignore[arg-type]  (same attributes)
+        model.requires_grad_(False)
+        if zero3:
+            self.model = deepspeed.initialize(model=model, config=config, dist_init_required=False)[0]
+        else:
+            self.model = model.to(dist.device, dtype=torch.bfloat16 if bf16 else None)
+        self.model.eval()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.model(*args, **kwargs)

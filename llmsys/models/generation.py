@@ -12,7 +12,7 @@ check the cached path (greedy decoding must give the same tokens) and costs O(T^
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -66,9 +66,18 @@ def _pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) ->
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
              generator: Optional[torch.Generator] = None, use_cache: bool = True,
-             use_decode_kernel: Optional[bool] = None) -> Generation:
+             use_decode_kernel: Optional[bool] = None,
+             all_finished: Optional[Callable[[torch.Tensor], bool]] = None) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt. ``use_decode_kernel`` runs single-token steps in
-    llmsys's split-KV decode-attention kernel; None follows the model's ``decode_attention`` config."""
+    llmsys's split-KV decode-attention kernel; None follows the model's ``decode_attention`` config.
+
+    ``all_finished(finished)`` decides when to stop early (default: every sequence of this batch has
+    ended). Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the
+    same number of steps: pass a function that agrees across ranks (stop when every rank is done).
+    """
+    if all_finished is None:
+        def all_finished(done: torch.Tensor) -> bool:
+            return bool(done.all())
     if use_decode_kernel is None:
         use_decode_kernel = model.cfg.decode_attention == "fused"
     if max_new_tokens < 1:
@@ -102,7 +111,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         lengths += (~finished).long()
         if eos_id is not None:
             finished |= token == eos_id
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or all_finished(finished):
             break
         if use_cache:
             logits = model.decode(token[:, None], cache, use_decode_kernel=use_decode_kernel)[:, 0]

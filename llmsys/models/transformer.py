@@ -50,15 +50,34 @@ class OutputHead(Linear):
         super().__init__(dim, vocab_size, std)
         self.fused_loss = fused_loss
 
-    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                logprobs_temperature: Optional[float] = None):
         if labels is None:
             return F.linear(hidden, self.weight)
+        if logprobs_temperature is not None:
+            return self.token_logprobs(hidden, labels, logprobs_temperature)
         if self.fused_loss:
             from llmsys.kernels import fused_linear_cross_entropy
 
             return fused_linear_cross_entropy(hidden, self.weight, labels, ignore_index=IGNORE_INDEX)
         logits = F.linear(hidden, self.weight)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``log p(label)`` and entropy of ``softmax(logits / temperature)``, fp32, shaped like
+        ``labels``; both are 0 where the label is ignore_index."""
+        valid = labels != IGNORE_INDEX
+        targets = labels.clamp(min=0)
+        if self.fused_loss:
+            from llmsys.kernels import linear_logprobs
+
+            logp, entropy = linear_logprobs(hidden, self.weight, targets, temperature=temperature)
+        else:
+            log_probs = torch.log_softmax(F.linear(hidden, self.weight).float() / temperature, dim=-1)
+            logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return logp * valid, entropy * valid
 
 
 class RMSNorm(nn.Module):
@@ -180,11 +199,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.impl = cfg.attention
         self.fused_rope = cfg.rope == "fused"
+        # A Linear, or a LoRALinear where model.lora targets it (imported here: lora.py builds on Linear).
+        from llmsys.models.lora import linear
+
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
-        self.wk = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
-        self.wv = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+        self.wq = linear(cfg, "wq", cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
+        self.wk = linear(cfg, "wk", cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
+        self.wv = linear(cfg, "wv", cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
+        self.wo = linear(cfg, "wo", cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: Optional[Packing] = None,
                 cache: Optional[_CacheStep] = None) -> torch.Tensor:
@@ -245,10 +267,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        from llmsys.models.lora import linear
+
         hidden = cfg.hidden_dim
-        self.w1 = Linear(cfg.dim, hidden, cfg.init_std)
-        self.w3 = Linear(cfg.dim, hidden, cfg.init_std)
-        self.w2 = Linear(hidden, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.w1 = linear(cfg, "w1", cfg.dim, hidden, cfg.init_std)
+        self.w3 = linear(cfg, "w3", cfg.dim, hidden, cfg.init_std)
+        self.w2 = linear(cfg, "w2", hidden, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.fused = cfg.mlp == "fused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +314,10 @@ class Transformer(nn.Module):
         self.output = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, fused_loss=cfg.loss == "fused")
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if cfg.lora.rank > 0:  # only the adapters train
+            from llmsys.models.lora import freeze_base
+
+            freeze_base(self)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,13 +357,15 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cu_seqlens: Optional[torch.Tensor] = None, logprobs_temperature: Optional[float] = None):
         """Logits (B, T, V) when ``labels`` is None, else the mean next-token loss over labels != -100.
 
         ``labels`` are already aligned with ``input_ids`` (labels[t] is the token after input_ids[t]).
-        With ``model.loss=fused`` the loss never materialises the (B*T, V) logits.
+        With ``model.loss=fused`` the loss never materialises the (B*T, V) logits. With
+        ``logprobs_temperature`` set, returns ``(logprobs, entropy)`` per token instead of the loss (the
+        alignment stages' view; 0 at ignored labels), through ``llmsys.kernels.linear_logprobs`` when fused.
         """
-        return self.output(self.hidden_states(input_ids, cu_seqlens), labels)
+        return self.output(self.hidden_states(input_ids, cu_seqlens), labels, logprobs_temperature)
 
 
     @torch.no_grad()

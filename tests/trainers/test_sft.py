@@ -70,3 +70,63 @@ def test_sft_two_processes_match_one(tmp_path, base, single_sft_losses, stage):
 def test_sft_without_a_tokenizer_is_refused(tmp_path):
     proc = train(tmp_path / "x", SFT + ["trainer.max_steps=1"], check=False)
     assert proc.returncode != 0 and "stage=sft needs the model's tokenizer" in proc.stderr
+
+
+# --- LoRA: only the adapters train; the export is the base with the adapters merged in ------------
+
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2", "trainer.max_steps=6", "trainer.eval_every=0"]
+ATTENTION = ("wq", "wk", "wv", "wo")  # model.lora.targets' default
+
+
+def _weights(export) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(export / "model.safetensors"))
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()  # no adapter tensors in the export
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def _targeted(names, targets=ATTENTION) -> set[str]:
+    return {k for k in names if k.endswith(".weight") and k.rsplit(".", 2)[-2] in targets}
+
+
+@pytest.fixture(scope="module")
+def lora_sft(tmp_path_factory, base):
+    out = tmp_path_factory.mktemp("sft") / "lora"
+    train(out, SFT + LORA + [f"model.init_from={base}"])
+    return out
+
+
+def test_lora_sft_changes_only_the_targets_and_exports_a_plain_model(tmp_path, base, lora_sft):
+    from llmsys.config import LoRAConfig
+    from llmsys.models import export_hf
+
+    losses = train_losses(lora_sft)
+    assert losses[6] < losses[1], losses
+    before, after = _weights(base), _weights(lora_sft / "final")
+    assert _changed(before, after) == _targeted(before)  # every attention matrix, nothing else
+    meta = json.loads((lora_sft / "final" / "config.json").read_text())
+    assert meta["merged_lora"]["rank"] == 4 and meta["merged_lora"]["targets"] == list(ATTENTION)
+    cfg = read_config(lora_sft / "final")
+    assert cfg.lora == LoRAConfig()  # a plain model: what init_from, generation and the HF export read
+    model = Transformer(cfg).eval()
+    model.load_state_dict(load_state(lora_sft / "final", cfg))  # strict: no adapter keys, none missing
+    hf = json.loads((export_hf(lora_sft / "final", tmp_path / "hf") / "config.json").read_text())
+    assert hf["hidden_size"] == cfg.dim
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_sft_two_processes_match_one(tmp_path, base, lora_sft, stage):
+    out = tmp_path / f"lora_zero{stage}"
+    train(out, SFT + LORA + [f"model.init_from={base}", f"deepspeed=zero{stage}"], nproc=2, launcher="torchrun")
+    losses, single = train_losses(out), train_losses(lora_sft)
+    assert sorted(losses) == sorted(single) and losses[6] < losses[1]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(single[step], rel=1e-4), step
+    before, after, single_after = _weights(base), _weights(out / "final"), _weights(lora_sft / "final")
+    assert _changed(before, after) == _targeted(before)  # frozen tensors come back bit-identical
+    for name in _targeted(before):
+        torch.testing.assert_close(after[name], single_after[name], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,65 @@
+"""Scalar heads on the decoder: the reward model and the PPO critic (value model).
+
+:class:`ScalarHeadModel` is the Llama-family decoder with its LM head replaced by a linear map from
+the final hidden state to one number per position. Its parameter names are the decoder's own
+(``tok_embeddings.*``, ``layers.*``, ``norm.*``) plus ``score.weight`` / ``score.bias``, so it starts
+from any LM export (the head is then freshly initialised) or from a reward export (head included).
+
+- Reward model (InstructGPT, Ouyang et al. 2022, sec. 3.5): the score of a (prompt, response)
+  sequence is the head's output at the response's last token (the end-of-turn token).
+- Critic: the head's output at every position is V(s_t), the value of the state before the token at
+  t + 1 is generated.
+
+An export carries ``"head": "scalar"`` in its config.json, next to the decoder's config.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmsys.config import ModelConfig
+from llmsys.models.pretrained import CONFIG_NAME
+from llmsys.models.transformer import Transformer
+
+HEAD_KEY = "head"
+SCALAR_HEAD = "scalar"
+SCORE_PREFIX = "score."
+
+
+class ScalarHeadModel(Transformer):
+    """Decoder -> (B, T) scalars. The LM head is dropped (an untied one would get no gradient)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.output = None
+        self.score = nn.Linear(cfg.dim, 1, bias=True)
+        # Small init (std 1/sqrt(dim + 1)) so the first scores are O(1) whatever the hidden size.
+        nn.init.normal_(self.score.weight, std=1.0 / (cfg.dim + 1) ** 0.5)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, input_ids: torch.Tensor, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores (B, T) in fp32, or (B,) at ``last_index`` (one position per row) when given."""
+        values = self.score(self.hidden_states(input_ids)).squeeze(-1).float()
+        if last_index is None:
+            return values
+        return values.gather(1, last_index.long().unsqueeze(1)).squeeze(1)
+
+
+def is_scalar_export(path: str | Path) -> bool:
+    """Whether ``path`` is an llmsys export of a :class:`ScalarHeadModel` (a reward model or critic)."""
+    cfg_file = Path(path) / CONFIG_NAME
+    if not cfg_file.is_file():
+        return False
+    try:
+        return json.loads(cfg_file.read_text()).get(HEAD_KEY) == SCALAR_HEAD
+    except json.JSONDecodeError:
+        return False
+
+
+def fresh_head_param(name: str) -> bool:
+    """Parameters that an LM export lacks and a scalar model initialises itself."""
+    return name.startswith(SCORE_PREFIX)

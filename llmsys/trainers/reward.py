@@ -1,0 +1,54 @@
+"""Stage 3a: a reward model learned from ranked pairs (InstructGPT, Ouyang et al. 2022, sec. 3.5).
+
+The SFT model with its LM head replaced by a scalar head (:class:`~llmsys.models.heads.ScalarHeadModel`)
+scores ``prompt + response`` at the response's last token. Each micro-batch runs its chosen and
+rejected rows in one forward pass, and the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``
+(:func:`llmsys.rlhf.losses.pairwise_reward_loss`) pushes the chosen score above the rejected one.
+Metrics: ``accuracy`` (chosen scored higher), ``margin``; evaluation lines carry ``val_accuracy``.
+The loop is the shared one in :mod:`llmsys.trainers.lm`; the export (``final/``) is marked
+``"head": "scalar"`` and is what ``stage=ppo`` takes as ``ppo.reward_model``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmsys.config import Config
+from llmsys.data import data_cache_root
+from llmsys.data.preference import PreferenceData, collate_pairs, load_preference_data, prepare_preference_data
+from llmsys.distributed import DistInfo, Engine, barrier, broadcast_object
+from llmsys.models.heads import HEAD_KEY, SCALAR_HEAD, ScalarHeadModel, fresh_head_param
+from llmsys.rlhf.losses import pairwise_reward_loss
+from llmsys.trainers.lm import Batch, LMData, train_lm
+from llmsys.trainers.sft import model_tokenizer
+
+
+def load_pairs(cfg: Config, dist: DistInfo) -> tuple[Path, PreferenceData]:
+    """Tokenize the preference data once per node (rank 0 of each node; the others wait), then open it."""
+    cache_dir = None
+    if dist.is_local_main:
+        cache_dir = prepare_preference_data(cfg.data, data_cache_root(cfg.data), tokenizer=model_tokenizer(cfg))
+    barrier()
+    cache_dir = Path(broadcast_object(cache_dir))
+    return cache_dir, load_preference_data(cache_dir)
+
+
+def reward_loss(engine: Engine, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    rewards = engine(batch["input_ids"], last_index=batch["last_index"])
+    half = rewards.shape[0] // 2
+    chosen, rejected = rewards[:half], rewards[half:]
+    loss = pairwise_reward_loss(chosen, rejected)
+    return loss, {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean(),
+                  "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
+
+
+def run(cfg: Config, dist: DistInfo) -> dict:
+    cache_dir, data = load_pairs(cfg, dist)
+    pad = data.tokenizer.pad_id
+    return train_lm(cfg, dist, LMData(
+        train_size=len(data.train), collate_train=lambda idx: collate_pairs([data.train.pair(i) for i in idx], pad),
+        val_size=len(data.val), collate_val=lambda idx: collate_pairs([data.val.pair(i) for i in idx], pad),
+        tokenizer_dir=cache_dir / "tokenizer", tokenizer_vocab=data.tokenizer.vocab_size, cache_dir=cache_dir,
+        max_tokens_per_sample=cfg.data.seq_len, model_class=ScalarHeadModel, compute_loss=reward_loss,
+        fresh_param=fresh_head_param, export_extra={HEAD_KEY: SCALAR_HEAD}))
