@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     # with -m "not slow".
     for item in items:
         if "slow" in item.keywords:
-            item.add_marker(pytest.mark.timeout(900))
+            item.add_marker(pytest.mark.timeout(1800))
 
 
 # -- a trained pretrain -> sft chain, built once per session (llmsys.pipeline), for tests that need one --------
@@ -33,12 +33,17 @@ PIPELINE_OVERRIDES = [
     "model.max_seq_len=128", "data.seq_len=128", "data.bpe_vocab_size=512", "logger.progress=false",
     "trainer.global_batch_size=8", "trainer.micro_batch_size=8", "trainer.eval_samples=16", "trainer.log_every=10",
     "pretrain:trainer.max_steps=200", "sft:trainer.max_steps=300",
+    "reward:trainer.max_steps=60", "reward:trainer.eval_every=30", "reward:trainer.eval_samples=128",
+    "reward:optim.lr=5e-4",
+    "dpo:trainer.max_steps=40", "dpo:trainer.eval_every=40", "dpo:trainer.eval_samples=64",
+    "ppo:trainer.max_steps=15", "ppo:ppo.max_new_tokens=24", "ppo:ppo.log_samples=4",
 ]
 
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> Path:
-    """``python -m llmsys.pipeline`` (pretrain -> sft + report) on a small model; its output directory."""
+    """``python -m llmsys.pipeline`` (pretrain -> sft -> reward -> dpo, ppo + report) on a small model; its
+    output directory."""
     import importlib.util
     import subprocess
     import sys
@@ -49,7 +54,7 @@ def pipeline_run(tmp_path_factory) -> Path:
     # One thread: on a shared 2-core machine OpenMP threads that spin-wait make every step ~10x slower.
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "llmsys.pipeline", "--out", str(out), *PIPELINE_OVERRIDES]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=1500)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-8000:]}")

@@ -39,7 +39,7 @@ def test_stage_command_chains_exports_and_later_overrides_win(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--stages", "pretrain,nope"], "unknown nope"),
-    (["ppo:trainer.max_steps=1"], "not a stage"),
+    (["grpo:trainer.max_steps=1"], "not a stage"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
@@ -93,7 +93,7 @@ def test_rerun_skips_finished_stages(pipeline_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llmsys.pipeline", "--out", str(out), "--probe-prompts", "4",
                            *PIPELINE_OVERRIDES], check=False, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("exists, skipping") == 2
+    assert proc.stderr.count("exists, skipping") == len(STAGES)
     assert before == {name: (out / name / "final" / "model.safetensors").stat().st_mtime_ns for name in STAGES}
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["sft"]["probes"]["format_stop"]["n"] == 4

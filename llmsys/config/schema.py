@@ -367,11 +367,14 @@ class DPOConfig:
     """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid loss only)."""
     loss_type: str = "sigmoid"
     """sigmoid (DPO) or ipo (Azar et al. 2023)."""
+    nll_weight: float = 0.0
+    """Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024; 0 = off)."""
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "dpo.beta", f"must be positive, got {self.beta}")
         _check(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
         _one_of(self.loss_type, DPO_LOSSES, "dpo.loss_type")
+        _check(self.nll_weight >= 0, "dpo.nll_weight", f"must be >= 0, got {self.nll_weight}")
         _check(self.loss_type == "sigmoid" or self.label_smoothing == 0.0, "dpo.label_smoothing",
                "applies to the sigmoid loss only")
 
@@ -430,7 +433,8 @@ class PPOConfig:
     critic_warmup_iters: int = 0
     """Iterations at the start that update the critic only (the actor waits for sane values)."""
     offload_frozen: bool = False
-    """Keep the frozen reference and reward models' parameters in CPU memory (ZeRO-3 param offload)."""
+    """Keep the frozen reference and reward models in CPU memory: under ZeRO-3 DeepSpeed's parameter
+    offload; under ZeRO 0-2 they also run on the CPU."""
     log_samples: int = 2
     """Decoded (prompt, response, score) examples written to samples.jsonl per iteration."""
 
@@ -471,5 +475,6 @@ class Config:
             _check(self.ppo.rollout_batch_size % self.trainer.global_batch_size == 0, "ppo.rollout_batch_size",
                    f"{self.ppo.rollout_batch_size} is not a multiple of trainer.global_batch_size="
                    f"{self.trainer.global_batch_size}")
-        _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
-               f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if not self.model.init_from:  # else the checkpoint's max_seq_len counts (checked when it is read)
+            _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                   f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

@@ -124,6 +124,33 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, zero3: bool,
+                         fresh_param: Optional[Callable[[str], bool]] = None) -> None:
+    """Copy full weights into a (possibly ZeRO-3 partitioned) model before an engine wraps it.
+
+    Collective under ZeRO-3: every rank calls it; only rank 0 needs ``state`` (others pass ``{}``).
+    LoRA adapters may be absent (a base model's export has none), and so may the parameters that
+    ``fresh_param`` names (a reward model's new head): they keep their constructor init.
+    """
+    import deepspeed
+
+    from llmsys.models.lora import is_lora_param
+
+    fresh = fresh_param or (lambda name: False)
+    missing = [n for n, _ in model.named_parameters() if n not in state and not is_lora_param(n) and not fresh(n)]
+    if state and missing:
+        raise KeyError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+            if name in state:
+                src = state[name]
+                if src.shape != p.shape:
+                    raise ValueError(f"initial weight {name} has shape {tuple(src.shape)}, "
+                                     f"the model expects {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(src.to(p.dtype))
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The newest complete checkpoint under ``root`` (by the ``latest`` marker), or None."""
     marker = root / LATEST
@@ -270,29 +297,7 @@ class Engine:
     # --- export ---------------------------------------------------------------------------------
 
     def _load_module_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Copy full weights into a (possibly ZeRO-3 partitioned) model before the engine wraps it.
-
-        Collective under ZeRO-3: every rank calls it; only rank 0 needs ``state`` (others pass ``{}``).
-        LoRA adapters may be absent (a base model's export has none): they keep their constructor init.
-        """
-        import deepspeed
-
-        from llmsys.models.lora import is_lora_param
-
-        missing = [n for n, _ in model.named_parameters()
-                   if n not in state and not is_lora_param(n) and not self._fresh_param(n)]
-        if state and missing:
-            raise KeyError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
-        params = dict(model.named_parameters())
-        for name, p in params.items():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.ds_cfg.stage == 3):
-                if name in state:
-                    src = state[name]
-                    if src.shape != p.shape:
-                        raise ValueError(f"initial weight {name} has shape {tuple(src.shape)}, "
-                                         f"the model expects {tuple(p.shape)}")
-                    with torch.no_grad():
-                        p.copy_(src.to(p.dtype))
+        load_initial_weights(model, state, zero3=self.ds_cfg.stage == 3, fresh_param=self._fresh_param)
 
     def consolidated_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights on rank 0 (None elsewhere). Collective: under ZeRO-3 every rank must call it.
@@ -317,7 +322,8 @@ class Engine:
 class FrozenModel:
     """A model that is only evaluated (PPO's reference and reward models): never stepped, never saved.
 
-    Under ZeRO 0-2 every rank holds a full copy in eval mode. Under ZeRO-3 the parameters are
+    Under ZeRO 0-2 every rank holds a full copy in eval mode; with ``offload`` that copy stays in CPU
+    memory and runs there (inputs are moved to the CPU, outputs back). Under ZeRO-3 the parameters are
     partitioned like the trained models' (DeepSpeed's engine without an optimizer, as DeepSpeed-Chat
     does for its reference model), and with ``offload`` they live in CPU memory between uses; every
     rank must then call it the same number of times.
@@ -329,7 +335,6 @@ class FrozenModel:
         import deepspeed
 
         self.dist, self.ds_cfg = dist, ds
-        self._fresh_param = fresh_param or (lambda name: False)
         zero3 = ds.stage == 3
         bf16 = trainer.precision == "bf16"
         zero: dict = {"stage": 3 if zero3 else 0}
@@ -342,12 +347,14 @@ class FrozenModel:
                   "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 2**31 - 1}
         with deepspeed.zero.Init(config_dict_or_path=config, enabled=zero3):
             model = model_factory()
-        Engine._load_module_state(self, model, init_state)  # type: ignore[arg-type]  (same attributes)
+        load_initial_weights(model, init_state, zero3=zero3, fresh_param=fresh_param)
         model.requires_grad_(False)
+        self.run_on = dist.device
         if zero3:
             self.model = deepspeed.initialize(model=model, config=config, dist_init_required=False)[0]
         else:
-            self.model = model.to(dist.device, dtype=torch.bfloat16 if bf16 else None)
+            self.run_on = torch.device("cpu") if offload else dist.device
+            self.model = model.to(self.run_on, dtype=torch.bfloat16 if bf16 else None)
         self.model.eval()
 
     @property
@@ -355,5 +362,17 @@ class FrozenModel:
         return self.model.module if hasattr(self.model, "module") else self.model
 
     def __call__(self, *args, **kwargs):
+        if self.run_on == self.dist.device:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+
+        def move(x, device):
+            if isinstance(x, torch.Tensor):
+                return x.to(device)
+            if isinstance(x, (tuple, list)):
+                return type(x)(move(v, device) for v in x)
+            return x
+
         with torch.no_grad():
-            return self.model(*args, **kwargs)
+            out = self.model(*move(args, self.run_on), **{k: move(v, self.run_on) for k, v in kwargs.items()})
+        return move(out, self.dist.device)

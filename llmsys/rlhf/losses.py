@@ -118,3 +118,15 @@ def ppo_value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     losses = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
     return 0.5 * masked_mean(losses, mask)
+
+
+def chosen_nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of the chosen responses, ``-(1/B) sum_i logp_i / n_i``.
+
+    Added to the DPO loss with a weight (``dpo.nll_weight``; Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization", eq. 3, TRL's ``rpo_alpha``): DPO alone may lower the likelihood of the
+    chosen responses too, as long as the rejected ones fall faster, and drift a small model out of
+    the data's distribution; the NLL term anchors it to the chosen answers.
+    """
+    return -(chosen_logps / chosen_tokens.clamp(min=1)).mean()
+

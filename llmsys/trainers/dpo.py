@@ -5,10 +5,13 @@ equals the reference before its first step, the reference log-probabilities are 
 policy engine itself before training (and before a checkpoint is restored, so also on resume), for
 exactly the pairs this run will visit (the data order is a pure function of seed and step) and the
 validation pairs it evaluates, and cached in ``<output_dir>/reference_logps.pt``: no second model is
-held in memory, under any ZeRO stage. Each micro-batch runs chosen and rejected rows in one concatenated forward pass;
+held in memory, under any ZeRO stage.
+
+Each micro-batch runs chosen and rejected rows in one concatenated forward pass;
 :func:`llmsys.rlhf.losses.dpo_loss` gives the sigmoid (``dpo.label_smoothing`` > 0: conservative) or
-IPO loss. Metrics: ``reward_accuracy`` (implicit reward of chosen > rejected), ``reward_margin``,
-``chosen_reward``, ``rejected_reward``; evaluation lines carry the same with ``val_``.
+IPO loss, plus ``dpo.nll_weight`` times the chosen responses' per-token NLL (RPO) when set. Metrics:
+``reward_accuracy`` (implicit reward of chosen > rejected), ``reward_margin``, ``chosen_reward``,
+``rejected_reward``, ``chosen_nll``; evaluation lines carry the same with ``val_``.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from llmsys.config import Config
 from llmsys.data.preference import PreferencePairs, collate_pairs
 from llmsys.data import BlockSampler
 from llmsys.distributed import DistInfo, Engine, all_reduce_sum, barrier
-from llmsys.rlhf.losses import dpo_loss
+from llmsys.models import IGNORE_INDEX
+from llmsys.rlhf.losses import chosen_nll_loss, dpo_loss
 from llmsys.trainers.lm import Batch, LMData, train_lm
 from llmsys.trainers.reward import load_pairs
 
@@ -117,7 +121,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         ref = batch["ref_logps"]
         loss, chosen, rejected = dpo_loss(logps[:half], logps[half:], ref[:, 0], ref[:, 1], beta=dcfg.beta,
                                           label_smoothing=dcfg.label_smoothing, loss_type=dcfg.loss_type)
-        return loss, {"reward_accuracy": (chosen > rejected).float().mean(),
+        nll = chosen_nll_loss(logps[:half], (batch["labels"][:half] != IGNORE_INDEX).sum(-1))
+        if dcfg.nll_weight:
+            loss = loss + dcfg.nll_weight * nll
+        return loss, {"chosen_nll": nll.detach(), "reward_accuracy": (chosen > rejected).float().mean(),
                       "reward_margin": (chosen - rejected).mean(), "chosen_reward": chosen.mean(),
                       "rejected_reward": rejected.mean(), "chosen_logps": logps[:half].detach().mean()}
 

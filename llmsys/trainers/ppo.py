@@ -197,6 +197,9 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     zero3 = cfg.deepspeed.stage == 3
     actor_cfg, sft_state = initial_weights(cfg.model, cfg.model.init_from, dist, cfg.deepspeed.stage)
     actor_cfg = dataclasses.replace(actor_cfg, vocab_size=resolve_vocab_size(actor_cfg, tokenizer.vocab_size))
+    if cfg.data.seq_len > actor_cfg.max_seq_len or pcfg.max_new_tokens >= cfg.data.seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} (prompt + response) must exceed ppo.max_new_tokens="
+                         f"{pcfg.max_new_tokens} and fit the model's max_seq_len={actor_cfg.max_seq_len}")
     reward_cfg, reward_state = initial_weights(cfg.model, pcfg.reward_model, dist, cfg.deepspeed.stage)
     critic_cfg, critic_state = initial_weights(cfg.model, critic_from, dist, cfg.deepspeed.stage)
     for name, other in (("ppo.reward_model", reward_cfg), ("ppo.critic_from", critic_cfg)):

@@ -157,3 +157,13 @@ def test_ppo_value_loss_by_hand():
     loss.backward()
     # d/dv of 0.5 (v - R)^2 / 3 where unclipped is active; 0 where the clipped term is.
     assert values.grad.flatten().tolist() == pytest.approx([0.0, 0.5 / 3, -1.0 / 3, 0.0], abs=1e-6)
+
+
+def test_chosen_nll_loss_is_the_mean_per_token_nll():
+    from llmsys.rlhf.losses import chosen_nll_loss
+
+    logps = torch.tensor([-6.0, -1.0], requires_grad=True)  # summed over 3 and 2 tokens
+    loss = chosen_nll_loss(logps, torch.tensor([3, 2]))
+    assert loss.item() == pytest.approx((6.0 / 3 + 1.0 / 2) / 2)
+    loss.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 6, -1 / 4])

@@ -1,0 +1,132 @@
+"""Behaviour probes: what a stage changed in how the model answers, measured on held-out prompts.
+
+The format/stop probe asks every checkpoint the same questions the same way: the user turns of SFT
+validation conversations, rendered with the chat template's generation prompt
+(``<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``), decoded greedily (or
+sampled with a fixed seed) until ``<|im_end|>`` or ``max_new_tokens``. A pretrained-only model has
+the template tokens in its vocabulary (llmsys's BPE reserves them) but never saw them in training, so
+it rambles past the end of the turn; SFT teaches it to answer and stop. The rates come from
+:func:`llmsys.data.format_and_stop_rate`; the same answers are also scored by
+:class:`llmsys.eval.RuleAnnotator` (``annotator_score``), the preference that the alignment stages
+(DPO, PPO) should raise.
+
+Prompts are chosen so no model has seen them in training: a validation conversation counts only when
+its prompt also differs from the prompt of every training conversation (the chatterbot corpus repeats
+some questions across files).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from llmsys.config.schema import DataConfig
+from llmsys.data import (
+    IM_END_TOKEN,
+    Tokenizer,
+    chat_template_for,
+    data_cache_root,
+    format_and_stop_rate,
+    iter_conversations,
+    load_sft_data,
+    load_tokenizer,
+    prepare_sft_data,
+)
+from llmsys.eval.annotator import RuleAnnotator
+from llmsys.models import Transformer, load_state, read_config
+from llmsys.models.generation import generate
+
+Messages = list[dict[str, str]]
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """An llmsys export (``<output_dir>/final``) as an eval-mode model on ``device`` and its tokenizer."""
+    cfg = read_config(path)
+    model = Transformer(cfg)
+    model.load_state_dict(load_state(path, cfg))
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def _prompt_turns(messages: Messages) -> Messages:
+    """The turns before the first assistant reply: what the model is asked."""
+    first = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:first]
+
+
+def held_out_prompts(data_cfg: DataConfig, tokenizer: Tokenizer, n: int | None = None) -> list[Messages]:
+    """Up to ``n`` (all when None) prompts of the SFT validation split that no training example contains.
+
+    Each prompt is the list of turns before a validation conversation's first assistant reply, in corpus
+    order, without duplicates. The split is read back from the SFT cache that ``stage=sft`` builds for
+    ``data_cfg`` and ``tokenizer`` (built here if absent), so it is exactly the one the trainer held out.
+    """
+    cache = load_sft_data(prepare_sft_data(data_cfg, data_cache_root(data_cfg), tokenizer=tokenizer))
+    template = chat_template_for(tokenizer, data_cfg.chat_template)
+
+    def example_keys(split) -> set[tuple[int, ...]]:
+        return {tuple(split.raw(i)[0].tolist()) for i in range(len(split))}
+
+    val_keys, train_keys = example_keys(cache.val), example_keys(cache.train)
+    val_prompts: list[tuple[tuple[str, str], ...]] = []
+    train_prompts: set[tuple[tuple[str, str], ...]] = set()
+    for _, messages in iter_conversations(data_cfg):
+        # The cache holds each conversation as encoded and cut to seq_len (data.sft_overflow=truncate).
+        key = tuple(template.encode(messages)[0][:data_cfg.seq_len])
+        prompt = tuple((m["role"], m["content"]) for m in _prompt_turns(messages))
+        if key in train_keys:
+            train_prompts.add(prompt)
+        elif key in val_keys:
+            val_prompts.append(prompt)
+    chosen: list[Messages] = []
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for prompt in val_prompts:
+        if prompt in train_prompts or prompt in seen:
+            continue
+        seen.add(prompt)
+        chosen.append([{"role": role, "content": content} for role, content in prompt])
+        if n is not None and len(chosen) == n:
+            break
+    if not chosen:
+        raise ValueError(f"{data_cfg.path or data_cfg.dataset}: no validation prompt is absent from training")
+    return chosen
+
+
+@torch.no_grad()
+def format_stop_probe(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages], *,
+                      max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                      batch_size: int = 32, chat_template: str = "auto", samples: int = 0) -> dict:
+    """Generate an assistant turn for each prompt; how often it is well-formed and stops at ``<|im_end|>``.
+
+    Returns ``format_and_stop_rate``'s ``n``/``stopped``/``well_formed``/``both`` plus
+    ``mean_length`` (generated tokens per answer, ``<|im_end|>`` included; ``max_new_tokens`` when it
+    never stopped) and, when ``samples`` > 0, the first ``samples`` (question, answer) pairs as text.
+    ``temperature`` 0 is greedy; otherwise sampling draws from a generator seeded with ``seed``.
+    """
+    eos_id = tokenizer.token_to_id(IM_END_TOKEN)
+    if eos_id is None:
+        raise ValueError(f"the tokenizer has no {IM_END_TOKEN} token, so no end of turn can be measured")
+    template = chat_template_for(tokenizer, chat_template)
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [template.generation_prompt(p) for p in prompts[start:start + batch_size]]
+        room = model.cfg.max_seq_len - max(len(p) for p in batch)
+        if room < 1:
+            raise ValueError(f"a prompt of {max(len(p) for p in batch)} tokens leaves no room to answer within "
+                             f"the model's max_seq_len={model.cfg.max_seq_len}")
+        out = generate(model, batch, min(max_new_tokens, room), temperature=temperature, top_p=top_p,
+                       eos_id=eos_id, pad_id=tokenizer.pad_id, generator=generator)
+        answers += [out.tokens[row, :int(out.lengths[row])].tolist() for row in range(len(batch))]
+    result: dict = dict(format_and_stop_rate(answers, tokenizer))
+    result["mean_length"] = sum(len(a) for a in answers) / len(answers)
+    # The rule-based stand-in for human rankers (the one that ranked data=prefs): what alignment should raise.
+    finished = [bool(a) and a[-1] == eos_id for a in answers]
+    texts = [tokenizer.decode(a[:-1] if done else a) for a, done in zip(answers, finished)]
+    result["annotator_score"] = RuleAnnotator().mean_score([p[-1]["content"] for p in prompts], texts, finished)
+    if samples:
+        result["samples"] = [{"prompt": prompts[i][-1]["content"],
+                              "answer": tokenizer.decode(answers[i], skip_special_tokens=False)}
+                             for i in range(min(samples, len(answers)))]
+    return result
