@@ -129,15 +129,13 @@ def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, ze
     """Copy full weights into a (possibly ZeRO-3 partitioned) model before an engine wraps it.
 
     Collective under ZeRO-3: every rank calls it; only rank 0 needs ``state`` (others pass ``{}``).
-    LoRA adapters may be absent (a base model's export has none), and so may the parameters that
-    ``fresh_param`` names (a reward model's new head): they keep their constructor init.
+    The parameters that ``fresh_param`` names may be absent (LoRA adapters when starting from a base
+    model, a reward model's new head): they keep their constructor init.
     """
     import deepspeed
 
-    from llmsys.models.lora import is_lora_param
-
     fresh = fresh_param or (lambda name: False)
-    missing = [n for n, _ in model.named_parameters() if n not in state and not is_lora_param(n) and not fresh(n)]
+    missing = [n for n, _ in model.named_parameters() if n not in state and not fresh(n)]
     if state and missing:
         raise KeyError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
     for name, p in model.named_parameters():

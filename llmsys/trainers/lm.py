@@ -31,7 +31,7 @@ from llmsys.distributed import (
     latest_checkpoint,
 )
 from llmsys.models import Transformer, count_parameters, flops_per_token, load_state, read_config, resolve_vocab_size
-from llmsys.models.lora import lora_parameter_count, merge_lora_state
+from llmsys.models.lora import is_lora_param, lora_parameter_count, merge_lora_state
 from llmsys.models.pretrained import save_pretrained
 from llmsys.trainers.observe import MetricsLogger, Throughput, device_peak_tflops, write_run_config
 
@@ -181,7 +181,8 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
 
     torch.manual_seed(tcfg.seed)
     engine = Engine(lambda: data.model_class(model_cfg), ds=cfg.deepspeed, optim=cfg.optim, trainer=tcfg,
-                    dist=dist, max_steps=tcfg.max_steps, init_state=init_state, fresh_param=data.fresh_param)
+                    dist=dist, max_steps=tcfg.max_steps, init_state=init_state,
+                    fresh_param=lambda name: is_lora_param(name) or data.fresh_param(name))
     del init_state
     if data.before_training is not None:
         data.before_training(engine)

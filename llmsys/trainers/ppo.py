@@ -48,6 +48,7 @@ from llmsys.eval.annotator import RuleAnnotator
 from llmsys.models import Transformer, resolve_vocab_size
 from llmsys.models.generation import generate
 from llmsys.models.heads import ScalarHeadModel, fresh_head_param
+from llmsys.models.lora import is_lora_param
 from llmsys.rlhf.advantages import gae
 from llmsys.rlhf.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from llmsys.rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
@@ -216,7 +217,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     total_updates = tcfg.max_steps * updates_per_iter
     torch.manual_seed(tcfg.seed)
     actor = Engine(lambda: Transformer(actor_cfg), ds=cfg.deepspeed, optim=cfg.optim, trainer=tcfg, dist=dist,
-                   max_steps=total_updates, init_state=sft_state)
+                   max_steps=total_updates, init_state=sft_state, fresh_param=is_lora_param)
     critic_optim = dataclasses.replace(cfg.optim, lr=pcfg.critic_lr or cfg.optim.lr)
     critic = Engine(lambda: ScalarHeadModel(critic_cfg), ds=cfg.deepspeed, optim=critic_optim, trainer=tcfg,
                     dist=dist, max_steps=total_updates, init_state=critic_state, fresh_param=fresh_head_param)

@@ -159,7 +159,7 @@ def test_engine_loads_a_base_state_into_a_lora_model():
     model = Transformer(cfg)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_param(n)}
     engine = Engine.__new__(Engine)  # only the state copy is exercised: no DeepSpeed engine is built
-    engine.ds_cfg, engine._fresh_param = DeepSpeedConfig(stage=2), lambda name: False
+    engine.ds_cfg, engine._fresh_param = DeepSpeedConfig(stage=2), is_lora_param
     engine._load_module_state(model, base.state_dict())
     for name, p in model.named_parameters():
         expected = init[name] if is_lora_param(name) else base.state_dict()[name]
