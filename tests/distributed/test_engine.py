@@ -93,3 +93,28 @@ def test_latest_marker_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="step_00000005"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "nothing_here") is None
+
+
+def test_frozen_model_is_the_module_frozen_and_offload_keeps_it_on_the_cpu():
+    import os
+    from unittest import mock
+
+    from llmsys.distributed import FrozenModel, init_distributed, shutdown
+
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32)
+    torch.manual_seed(0)
+    source = Transformer(cfg)
+    ids = torch.randint(0, 61, (2, 9))
+    with mock.patch.dict(os.environ):  # the single-process group's env vars must not leak into later tests
+        dist = init_distributed(DeepSpeedConfig(stage=0))
+        try:
+            for offload in (False, True):
+                frozen = FrozenModel(lambda: Transformer(cfg), ds=DeepSpeedConfig(stage=0), trainer=TrainerConfig(),
+                                     dist=dist, init_state=source.state_dict(), offload=offload)
+                assert not any(p.requires_grad for p in frozen.module.parameters()) and not frozen.module.training
+                assert frozen.run_on == torch.device("cpu")
+                logits = frozen(ids)
+                assert not logits.requires_grad
+                torch.testing.assert_close(logits, source(ids))
+        finally:
+            shutdown(dist)
