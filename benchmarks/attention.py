@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    OOM, Results, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err,
+    OOM, Results, add_run_args, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err,
     optional_module, peak_memory_bytes, print_table, pyplot, stamp, time_ms, verdict,
 )
 from llmsys.kernels.flash_attention import flash_attention, flash_attention_ref  # noqa: E402
@@ -269,12 +269,7 @@ def main() -> None:
     p.add_argument("--causal", choices=["true", "false", "both"], default="true")
     p.add_argument("--impls", default=None, help="comma-separated subset: ours,sdpa_flash,sdpa_cudnn,"
                    "sdpa_efficient,sdpa_math,flash_attn2,flash_attn3 (default: all available)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--budget-s", type=float, default=0.0,
-                   help="stop starting new points after this many seconds (0: no limit); the JSON keeps what ran")
-    p.add_argument("--smoke", action="store_true", help="CPU seconds-long run: fp32, B<=2, H=2, T=32/64, D=16")
-    p.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results/")
+    add_run_args(p, "CPU seconds-long run: fp32, B<=2, H=2, T=32/64, D=16")
     args = p.parse_args()
 
     device = bench_device()

@@ -232,3 +232,14 @@ def verdict(name: str, got: float | None, need: float, higher_is_better: bool) -
     op = ">=" if higher_is_better else "<="
     print(f"TARGET {name}: {got:.3f} (need {op} {need}) {'PASS' if ok else 'FAIL'}")
     return {"target": name, "need": need, "got": got, "pass": ok}
+
+
+def add_run_args(parser, smoke_help: str) -> None:
+    """The options every kernel benchmark shares: timing, time budget, the CI smoke run, output folder."""
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--budget-s", type=float, default=0.0,
+                        help="stop starting new points after this many seconds (0: no limit); the JSON keeps what ran")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results/")
+

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    OOM, Results, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err, print_table,
+    OOM, Results, add_run_args, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err, print_table,
     pyplot, stamp, time_ms, verdict,
 )
 from llmsys.kernels.decode_attention import (  # noqa: E402
@@ -225,12 +225,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     p.add_argument("--impls", default=None, help="comma-separated subset of ours,sdpa,sdpa_flash (default: all)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--budget-s", type=float, default=0.0,
-                   help="stop starting new points after this many seconds (0: no limit); the JSON keeps what ran")
-    p.add_argument("--smoke", action="store_true", help="CPU seconds-long run: fp32, B 1/3, S 64/200, Hq 8, Hkv 2, D 64")
-    p.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results/")
+    add_run_args(p, "CPU seconds-long run: fp32, B 1/3, S 64/200, Hq 8, Hkv 2, D 64")
     args = p.parse_args()
 
     device = bench_device()

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 import llmsys.kernels  # noqa: E402,F401
 
 from benchmarks.common import (  # noqa: E402
-    OOM, Results, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err,
+    OOM, Results, add_run_args, bench_device, default_out_dir, dtype_from_name, free_memory, int_list, max_abs_err,
     print_table, pyplot, stamp, synchronize, time_ms, verdict,
 )
 from llmsys.kernels._ext import load_extension  # noqa: E402
@@ -255,12 +255,7 @@ def main() -> None:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {list(OPS)}")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--budget-s", type=float, default=0.0,
-                   help="stop starting new points after this many seconds (0: no limit); the JSON keeps what ran")
-    p.add_argument("--smoke", action="store_true", help="CPU seconds-long run: fp32, 64 tokens, hidden 64 and 257")
-    p.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results/")
+    add_run_args(p, "CPU seconds-long run: fp32, 64 tokens, hidden 64 and 257")
     args = p.parse_args()
 
     device = bench_device()
