@@ -173,14 +173,13 @@ class Engine:
         import deepspeed
 
         self.dist, self.ds_cfg = dist, ds
-        self._fresh_param = fresh_param or (lambda name: False)
         self.config = deepspeed_config(ds, optim, trainer, dist.world_size)
         # Under ZeRO-3 each rank materialises only its shard of every parameter as it is built, so a
         # model larger than one device's memory can be constructed at all.
         with deepspeed.zero.Init(config_dict_or_path=self.config, enabled=ds.stage == 3):
             model = model_factory()
         if init_state is not None:
-            self._load_module_state(model, init_state)
+            load_initial_weights(model, init_state, zero3=ds.stage == 3, fresh_param=fresh_param)
         groups = param_groups(model, optim.weight_decay)
         optimizer = None
         if not ds.offload_optimizer:
@@ -293,9 +292,6 @@ class Engine:
         return state
 
     # --- export ---------------------------------------------------------------------------------
-
-    def _load_module_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_initial_weights(model, state, zero3=self.ds_cfg.stage == 3, fresh_param=self._fresh_param)
 
     def consolidated_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights on rank 0 (None elsewhere). Collective: under ZeRO-3 every rank must call it.

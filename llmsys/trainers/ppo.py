@@ -40,14 +40,14 @@ from typing import Optional
 
 import torch
 
-from llmsys.config import Config, DeepSpeedConfig, LoRAConfig
+from llmsys.config import Config, LoRAConfig
 from llmsys.data import BlockSampler, IM_END_TOKEN
 from llmsys.data.preference import load_prompts
 from llmsys.distributed import DistInfo, Engine, FrozenModel, all_reduce_sum, barrier
 from llmsys.eval.annotator import RuleAnnotator
 from llmsys.models import Transformer, resolve_vocab_size
 from llmsys.models.generation import generate
-from llmsys.models.heads import ScalarHeadModel, fresh_head_param
+from llmsys.models.heads import ScalarHeadModel, fresh_head_param, is_scalar_export
 from llmsys.models.lora import is_lora_param
 from llmsys.rlhf.advantages import gae
 from llmsys.rlhf.kl import AdaptiveKLController, FixedKLController, kl_penalty
@@ -163,14 +163,6 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) * torch.rsqrt(torch.tensor(var + 1e-8, device=x.device)) * mask
 
 
-def _scalar_config(path: str) -> None:
-    from llmsys.models.heads import is_scalar_export
-
-    if not is_scalar_export(path):
-        raise ValueError(f"ppo.reward_model={path}: not a reward model export (its config.json lacks "
-                         f"\"head\": \"scalar\"); give the final/ directory of a stage=reward run")
-
-
 def run(cfg: Config, dist: DistInfo) -> dict:
     pcfg, tcfg = cfg.ppo, cfg.trainer
     out = Path(tcfg.output_dir)
@@ -179,7 +171,9 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     if pcfg.rollout_batch_size % (tcfg.micro_batch_size * world):
         raise ValueError(f"ppo.rollout_batch_size={pcfg.rollout_batch_size} must be a multiple of "
                          f"trainer.micro_batch_size * world_size = {tcfg.micro_batch_size * world}")
-    _scalar_config(pcfg.reward_model)
+    if not is_scalar_export(pcfg.reward_model):
+        raise ValueError(f"ppo.reward_model={pcfg.reward_model}: not a reward model export (its config.json "
+                         f"lacks \"head\": \"scalar\"); give the final/ directory of a stage=reward run")
     critic_from = pcfg.critic_from or pcfg.reward_model
 
     tokenizer = model_tokenizer(cfg)
@@ -195,7 +189,6 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         tokenizer.save(tokenizer_dir)
 
     # --- models ---------------------------------------------------------------------------------
-    zero3 = cfg.deepspeed.stage == 3
     actor_cfg, sft_state = initial_weights(cfg.model, cfg.model.init_from, dist, cfg.deepspeed.stage)
     actor_cfg = dataclasses.replace(actor_cfg, vocab_size=resolve_vocab_size(actor_cfg, tokenizer.vocab_size))
     if cfg.data.seq_len > actor_cfg.max_seq_len or pcfg.max_new_tokens >= cfg.data.seq_len:
@@ -222,11 +215,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     critic = Engine(lambda: ScalarHeadModel(critic_cfg), ds=cfg.deepspeed, optim=critic_optim, trainer=tcfg,
                     dist=dist, max_steps=total_updates, init_state=critic_state, fresh_param=fresh_head_param)
     del critic_state
-    frozen_ds = dataclasses.replace(cfg.deepspeed) if zero3 else DeepSpeedConfig(stage=0)
-    reference = FrozenModel(lambda: Transformer(ref_cfg), ds=frozen_ds, trainer=tcfg, dist=dist,
+    reference = FrozenModel(lambda: Transformer(ref_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
                             init_state=sft_state, offload=pcfg.offload_frozen)
     del sft_state
-    reward_model = FrozenModel(lambda: ScalarHeadModel(reward_cfg), ds=frozen_ds, trainer=tcfg, dist=dist,
+    reward_model = FrozenModel(lambda: ScalarHeadModel(reward_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
                                init_state=reward_state, offload=pcfg.offload_frozen)
     del reward_state
 

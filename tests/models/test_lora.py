@@ -8,12 +8,12 @@ import torch
 
 from llmsys.config import (
     ConfigError,
-    DeepSpeedConfig,
     LoRAConfig,
     ModelConfig,
     unknown_override_error,
 )
-from llmsys.distributed import Engine, param_groups
+from llmsys.distributed import param_groups
+from llmsys.distributed.engine import load_initial_weights
 from llmsys.models import Transformer
 from llmsys.models.lora import (
     LoRALinear,
@@ -158,15 +158,16 @@ def test_engine_loads_a_base_state_into_a_lora_model():
     torch.manual_seed(5)
     model = Transformer(cfg)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_param(n)}
-    engine = Engine.__new__(Engine)  # only the state copy is exercised: no DeepSpeed engine is built
-    engine.ds_cfg, engine._fresh_param = DeepSpeedConfig(stage=2), is_lora_param
-    engine._load_module_state(model, base.state_dict())
+    def load(state):  # what Engine does before DeepSpeed wraps the model (ZeRO-2: parameters whole)
+        load_initial_weights(model, state, zero3=False, fresh_param=is_lora_param)
+
+    load(base.state_dict())
     for name, p in model.named_parameters():
         expected = init[name] if is_lora_param(name) else base.state_dict()[name]
         assert torch.equal(p, expected), name
     lacking = {k: v for k, v in base.state_dict().items() if k != "norm.weight"}
     with pytest.raises(KeyError, match="norm.weight"):
-        engine._load_module_state(model, lacking)
+        load(lacking)
 
 
 @pytest.mark.parametrize("kw,key", [
