@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -146,12 +145,6 @@ def compose_config(overrides: Sequence[str]):
         return to_config(compose(config_name="config", overrides=list(overrides)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def for_stage(name: str, extra: Sequence[str]) -> list[str]:
     """The overrides of ``extra`` that apply to stage ``name``: plain ones, and ``<name>:key=value`` ones."""
     picked = []
@@ -165,12 +158,14 @@ def for_stage(name: str, extra: Sequence[str]) -> list[str]:
 
 
 def stage_command(stage: Stage, out: Path, steps_scale: float, extra: Sequence[str], nproc: int) -> list[str]:
+    from llmsys.distributed.env import free_port
+
     steps = max(1, math.ceil(stage.steps * steps_scale))
     overrides = [f"stage={stage.name}", f"trainer.output_dir={out / stage.name}", f"trainer.max_steps={steps}",
                  "trainer.resume=auto", *stage.overrides, *stage.inputs(out), *for_stage(stage.name, extra)]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port()), "-m", "llmsys.train", *overrides]
+                "--master_port", str(free_port()), "-m", "llmsys.train", *overrides]
     return [sys.executable, "-m", "llmsys.train", *overrides]
 
 

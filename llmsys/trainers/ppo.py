@@ -195,7 +195,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} (prompt + response) must exceed ppo.max_new_tokens="
                          f"{pcfg.max_new_tokens} and fit the model's max_seq_len={actor_cfg.max_seq_len}")
     reward_cfg, reward_state = initial_weights(cfg.model, pcfg.reward_model, dist, cfg.deepspeed.stage)
-    critic_cfg, critic_state = initial_weights(cfg.model, critic_from, dist, cfg.deepspeed.stage)
+    critic_cfg, critic_state = ((reward_cfg, reward_state) if critic_from == pcfg.reward_model  # read it once
+                                else initial_weights(cfg.model, critic_from, dist, cfg.deepspeed.stage))
     for name, other in (("ppo.reward_model", reward_cfg), ("ppo.critic_from", critic_cfg)):
         if other.vocab_size != actor_cfg.vocab_size:
             raise ValueError(f"{name} has a vocabulary of {other.vocab_size}, the actor {actor_cfg.vocab_size}; "
