@@ -30,16 +30,34 @@ SCALAR_HEAD = "scalar"
 SCORE_PREFIX = "score."
 
 
+# Offset from the run's seed of the stream a fresh scalar head is drawn from.
+HEAD_SEED_OFFSET = 0x5C0E
+
+
+class ScalarHead(nn.Linear):
+    """Hidden state (dim) -> one number, initialised inside the constructor (so ZeRO-3's partitioning,
+    which runs when a module's constructor returns, sees the initialised tensor).
+
+    Small init (std 1/sqrt(dim + 1)) so the first scores are O(1) whatever the hidden size. The draw
+    comes from a generator of its own, seeded from the run's seed (``torch.manual_seed``), so a fresh
+    head starts the same whatever the trunk before it drew from the global stream.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 1, bias=True)
+        generator = torch.Generator().manual_seed(torch.initial_seed() + HEAD_SEED_OFFSET)
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(self.weight.shape, generator=generator) / (dim + 1) ** 0.5)
+            self.bias.zero_()
+
+
 class ScalarHeadModel(Transformer):
     """Decoder -> (B, T) scalars. The LM head is dropped (an untied one would get no gradient)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.output = None
-        self.score = nn.Linear(cfg.dim, 1, bias=True)
-        # Small init (std 1/sqrt(dim + 1)) so the first scores are O(1) whatever the hidden size.
-        nn.init.normal_(self.score.weight, std=1.0 / (cfg.dim + 1) ** 0.5)
-        nn.init.zeros_(self.score.bias)
+        self.score = ScalarHead(cfg.dim)
 
     def forward(self, input_ids: torch.Tensor, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scores (B, T) in fp32, or (B,) at ``last_index`` (one position per row) when given."""
