@@ -90,6 +90,22 @@ def differences(stage: str, expected: list[dict], got: list[dict]) -> list[str]:
     return problems
 
 
+PIPELINE_ASSET = ASSETS.parent / "pipeline_small.json"
+
+
+def pipeline_numbers(report: dict) -> list[dict]:
+    """What the small pipeline (tests/conftest.py's ``pipeline_run``) measured, per stage: its metrics and
+    its probes' numbers and answers, as rows that :func:`differences` compares."""
+    rows = []
+    for name, entry in report["stages"].items():
+        row = {"step": name, **{f"metrics.{k}": v for k, v in entry["metrics"].items()}}
+        for probe, result in entry["probes"].items():
+            row.update({f"{probe}.{k}": v for k, v in result.items() if k != "samples"})
+            row.update({f"{probe}.answer{i}": s["answer"] for i, s in enumerate(result.get("samples", []))})
+        rows.append(row)
+    return rows
+
+
 def load_assets() -> dict[str, list[dict]]:
     return {stage: json.loads((ASSETS / f"{stage}.json").read_text()) for stage in CHAIN}
 

@@ -21,6 +21,17 @@ def test_every_stage_reproduces_its_golden_curve(tmp_path):
     assert not problems, "\n".join(problems[:40])
 
 
+@pytest.mark.slow
+def test_the_small_pipeline_reproduces_its_golden_numbers(pipeline_run):
+    """Every stage's losses and signals and every probe number and answer of the session's small pipeline."""
+    import json
+
+    expected = json.loads(golden.PIPELINE_ASSET.read_text())
+    got = golden.pipeline_numbers(json.loads((pipeline_run / "report.json").read_text()))
+    problems = golden.differences("pipeline", expected, got)
+    assert not problems, "\n".join(problems[:40])
+
+
 def test_the_comparison_catches_a_moved_number():
     rows = [{"step": 1, "loss": 2.5, "lr": 1e-4}, {"step": 2, "loss": 2.25, "lr": 2e-4}]
     assert golden.differences("x", rows, [dict(r) for r in rows]) == []
