@@ -1,52 +1,41 @@
 """``python -m llmsys.pipeline``: the main job. Every stage end to end, then the stage report.
 
-Each stage runs as its own ``python -m llmsys.train stage=<name> trainer.output_dir=<out>/<name> ...``
-process (under ``torchrun`` with ``--nproc N``), exactly as a user or a cluster scheduler would run it,
-and starts from an earlier stage's export by path. A stage whose ``<out>/<name>/final/`` exists is
-skipped, and an interrupted one resumes from its last checkpoint (``trainer.resume=auto``), so rerunning
-the same command continues where it stopped. Then every export is probed and the report written:
-``<out>/report.json`` (everything) and ``<out>/report.md`` (one table row per stage).
+The stages, their step counts and settings come from a named recipe, ``configs/experiment/<name>.yaml``
+(``--recipe``, default ``pipeline``), validated by :class:`~llmsys.config.schema.PipelineConfig`. Each
+stage runs as its own ``python -m llmsys.train stage=<name> trainer.output_dir=<out>/<name> ...`` process
+(under ``torchrun`` with ``--nproc N``), exactly as a user or a cluster scheduler would run it, and starts
+from an earlier stage's export by path. A stage whose ``<out>/<name>/final/`` exists is skipped, and an
+interrupted one resumes from its last checkpoint (``trainer.resume=auto``), so rerunning the same command
+continues where it stopped. Then every export is probed and the report written: ``<out>/report.json``
+(everything) and ``<out>/report.md`` (one table row per stage).
 
     python -m llmsys.pipeline                                  # pretrain -> sft -> reward -> dpo, ppo
     python -m llmsys.pipeline --out runs/x --steps-scale 0.2   # a quick look
     python -m llmsys.pipeline --stages pretrain,sft model.dim=128 trainer.precision=bf16
 
-Extending: append a :class:`Stage` to ``STAGES`` (its ``inputs`` name the exports it starts from) and,
-for a new behaviour to measure, a function to ``PROBES``.
+Extending: add a stage to the recipe (its ``inputs`` name the exports it starts from) or write a new
+recipe next to it and, for a new behaviour to measure, a function to ``PROBES`` (and its name to
+``PIPELINE_PROBES`` in the schema).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmsys.config.schema import ConfigError, PipelineConfig, PipelineStageConfig
+
 log = logging.getLogger("llmsys.pipeline")
 
-DEFAULT_OUT = "outputs/pipeline"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the pipeline: what ``llmsys.train`` runs and which exports it starts from."""
-
-    name: str
-    """``stage=<name>``, and the run directory ``<out>/<name>``."""
-    steps: int
-    """``trainer.max_steps`` at ``--steps-scale 1``."""
-    overrides: tuple[str, ...]
-    """The stage's own settings (data source, learning rate, ...); command-line overrides come after."""
-    inputs: Callable[[Path], list[str]]
-    """Overrides that point the stage at earlier exports, given the pipeline directory."""
-    probes: tuple[str, ...] = ()
-    """Names in ``PROBES`` to run on this stage's export."""
+DEFAULT_RECIPE = "pipeline"
 
 
 def final(out: Path, stage: str) -> Path:
@@ -54,41 +43,41 @@ def final(out: Path, stage: str) -> Path:
     return out / stage / "final"
 
 
-# The embedded default: the tiny model pre-trained on Shakespeare, then fine-tuned on the chatterbot
-# corpus. Step counts are measured choices (README, "What each stage does"): 300 steps of ~4k tokens,
-# ~7 CPU-minutes in all (13 min wall on 2 cores shared with other jobs, OMP_NUM_THREADS=1); 100 SFT steps
-# (~4 epochs of the 402 packed rows) take the held-out format/stop rate from 0.00 to 0.94.
-STAGES: dict[str, Stage] = {
-    "pretrain": Stage(
-        name="pretrain", steps=200, overrides=("data=shakespeare",),
-        inputs=lambda out: [],
-        probes=("format_stop",)),
-    "sft": Stage(
-        name="sft", steps=100, overrides=("data=chat", "optim.warmup_steps=10"),
-        inputs=lambda out: [f"model.init_from={final(out, 'pretrain')}"],
-        probes=("format_stop",)),
-    # Alignment on the embedded preference data (data=prefs: chatterbot questions with candidate answers
-    # ranked by llmsys.eval.RuleAnnotator). The reward model and the DPO/PPO policies start from the SFT
-    # export; PPO reads the reward model. Their effect: the reward model's validation accuracy, and the
-    # annotator's mean score of the held-out answers (the format_stop probe reports it), which DPO and PPO
-    # should raise over SFT's.
-    "reward": Stage(
-        name="reward", steps=100, overrides=("data=prefs", "optim.lr=3e-4", "optim.warmup_steps=10"),
-        inputs=lambda out: [f"model.init_from={final(out, 'sft')}"]),
-    "dpo": Stage(
-        name="dpo", steps=100, overrides=("data=prefs", "optim.lr=1e-4", "optim.warmup_steps=5", "dpo.beta=0.5",
-                                          "dpo.nll_weight=1.0"),
-        inputs=lambda out: [f"model.init_from={final(out, 'sft')}"],
-        probes=("format_stop",)),
-    "ppo": Stage(
-        name="ppo", steps=40, overrides=("data=prefs", "optim.lr=2e-4", "optim.warmup_steps=2",
-                                         "ppo.adaptive_kl=true", "ppo.kl_target=6", "ppo.init_kl_coef=0.2",
-                                         "ppo.kl_horizon=320", "ppo.max_new_tokens=32",
-                                         "trainer.save_every=20"),
-        inputs=lambda out: [f"model.init_from={final(out, 'sft')}", f"ppo.reward_model={final(out, 'reward')}"],
-        probes=("format_stop",)),
-}
-DEFAULT_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+@functools.cache
+def load_recipe(name: str) -> PipelineConfig:
+    """The validated ``pipeline`` section of ``configs/experiment/<name>.yaml``.
+
+    The recipe is composed by Hydra like any experiment (``llmsys.train experiment=<name>`` composes it
+    too); only its ``pipeline`` section is read here, and every stage override and input key is checked
+    against the training schema, so a typo fails before the first stage starts.
+    """
+    from omegaconf import OmegaConf
+
+    from llmsys.config import config_dir, unknown_override_error
+
+    recipes = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+    if name not in recipes:
+        raise ConfigError(f"--recipe {name}: no configs/experiment/{name}.yaml; recipes: {', '.join(recipes)}")
+    node = _compose([f"experiment={name}"]).pipeline
+    if node is None:
+        raise ConfigError(f"--recipe {name}: configs/experiment/{name}.yaml has no pipeline section (it is a "
+                          f"training recipe: python -m llmsys.train experiment={name})")
+    recipe = OmegaConf.to_object(node)
+    for stage in recipe.stages:
+        error = unknown_override_error([*stage.overrides, *stage_inputs(stage, Path("."))])
+        if error:
+            raise ConfigError(f"configs/experiment/{name}.yaml, stage {stage.name}: {error}")
+    return recipe
+
+
+def __getattr__(name: str) -> Any:
+    # STAGES (name -> stage) and DEFAULT_STAGES (their order): the default recipe's, read on first use so
+    # that importing this module composes nothing.
+    if name == "STAGES":
+        return load_recipe(DEFAULT_RECIPE).by_name()
+    if name == "DEFAULT_STAGES":
+        return tuple(stage.name for stage in load_recipe(DEFAULT_RECIPE).stages)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- probes ----------------------------------------------------------------------------------------
@@ -97,7 +86,9 @@ DEFAULT_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 class ProbeContext:
     """What probes share across stages, so that every export is asked the same questions."""
 
-    def __init__(self, extra_overrides: Sequence[str], n_prompts: int, device: str, max_new_tokens: int) -> None:
+    def __init__(self, stages: Mapping[str, PipelineStageConfig], extra_overrides: Sequence[str], n_prompts: int,
+                 device: str, max_new_tokens: int) -> None:
+        self.stages = stages
         self.extra_overrides = list(extra_overrides)
         self.n_prompts = n_prompts
         self.device = device
@@ -106,7 +97,8 @@ class ProbeContext:
 
     def chat_data(self):
         """The SFT stage's data config (``data=chat`` plus the pipeline's and the user's overrides)."""
-        return compose_config(["stage=sft", *STAGES["sft"].overrides, *for_stage("sft", self.extra_overrides)]).data
+        return compose_config(["stage=sft", *self.stages["sft"].overrides,
+                               *for_stage("sft", self.extra_overrides)]).data
 
     def held_out_prompts(self, tokenizer):
         from llmsys.eval.probes import held_out_prompts
@@ -134,15 +126,22 @@ PROBES: dict[str, Callable[[Path, ProbeContext], dict]] = {
 # -- running stages --------------------------------------------------------------------------------
 
 
-def compose_config(overrides: Sequence[str]):
-    """The validated :class:`~llmsys.config.Config` that ``llmsys.train`` would run with ``overrides``."""
+def _compose(overrides: Sequence[str]):
+    """The composed (unresolved, unconverted) tree of ``configs/config.yaml`` with ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    from llmsys.config import config_dir, register, to_config
+    from llmsys.config import config_dir, register
 
     register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def compose_config(overrides: Sequence[str]):
+    """The validated :class:`~llmsys.config.Config` that ``llmsys.train`` would run with ``overrides``."""
+    from llmsys.config import to_config
+
+    return to_config(_compose(overrides))
 
 
 def for_stage(name: str, extra: Sequence[str]) -> list[str]:
@@ -157,24 +156,31 @@ def for_stage(name: str, extra: Sequence[str]) -> list[str]:
     return picked
 
 
-def stage_command(stage: Stage, out: Path, steps_scale: float, extra: Sequence[str], nproc: int) -> list[str]:
+def stage_inputs(stage: PipelineStageConfig, out: Path) -> list[str]:
+    """The overrides that point ``stage`` at the earlier exports it reads, in the recipe's order."""
+    return [f"{key}={final(out, source)}" for key, source in stage.inputs.items()]
+
+
+def stage_command(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: Sequence[str],
+                  nproc: int) -> list[str]:
     from llmsys.distributed.env import free_port
 
     steps = max(1, math.ceil(stage.steps * steps_scale))
     overrides = [f"stage={stage.name}", f"trainer.output_dir={out / stage.name}", f"trainer.max_steps={steps}",
-                 "trainer.resume=auto", *stage.overrides, *stage.inputs(out), *for_stage(stage.name, extra)]
+                 "trainer.resume=auto", *stage.overrides, *stage_inputs(stage, out), *for_stage(stage.name, extra)]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), "-m", "llmsys.train", *overrides]
     return [sys.executable, "-m", "llmsys.train", *overrides]
 
 
-def run_stage(stage: Stage, out: Path, steps_scale: float, extra: Sequence[str], nproc: int) -> float | None:
+def run_stage(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: Sequence[str],
+              nproc: int) -> float | None:
     """Train ``stage`` unless its export exists; the seconds it took (None when skipped)."""
     if (final(out, stage.name) / "config.json").is_file():
         log.info("%s: %s exists, skipping", stage.name, final(out, stage.name))
         return None
-    missing = [value for value in (o.split("=", 1)[1] for o in stage.inputs(out)) if not Path(value).exists()]
+    missing = [str(final(out, source)) for source in stage.inputs.values() if not final(out, source).exists()]
     if missing:
         raise SystemExit(f"llmsys.pipeline: stage {stage.name} needs {', '.join(missing)}; run the stages that "
                          f"produce it first (--stages)")
@@ -269,13 +275,22 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=DEFAULT_RECIPE)
+    recipe_name = pre.parse_known_args(argv)[0].recipe
     parser = argparse.ArgumentParser(
         prog="python -m llmsys.pipeline", description=__doc__.split("\n\n")[0],
         epilog="Other arguments are Hydra overrides for every stage (model.dim=128), or for one stage when "
                "prefixed with its name (sft:optim.lr=3e-4, sft:trainer.max_steps=500).")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"pipeline directory ({DEFAULT_OUT})")
-    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                        help=f"comma-separated, in order; known: {', '.join(STAGES)}")
+    try:
+        stages = load_recipe(recipe_name).by_name()
+    except ConfigError as e:
+        parser.error(str(e))
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"the stages to run: configs/experiment/RECIPE.yaml ({DEFAULT_RECIPE})")
+    parser.add_argument("--out", type=Path, default=None, help="pipeline directory (outputs/RECIPE)")
+    parser.add_argument("--stages", default=",".join(stages),
+                        help=f"comma-separated, in order; known: {', '.join(stages)} (default: all, in order)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun when > 1)")
     parser.add_argument("--probe-prompts", type=int, default=100, help="held-out prompts per probe")
@@ -285,23 +300,25 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [a for a in rest if "=" not in a or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    stages = [s for s in args.stages.split(",") if s]
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
-        parser.error(f"--stages: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(STAGES)}")
+    chosen = [s for s in args.stages.split(",") if s]
+    bad = [s for s in chosen if s not in stages]
+    if bad or not chosen:
+        parser.error(f"--stages: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(stages)}")
     scopes = {o.partition(":")[0] for o in rest if ":" in o.partition("=")[0]}
-    if scopes - set(STAGES):
-        parser.error(f"override prefix {', '.join(sorted(scopes - set(STAGES)))}: not a stage; known: "
-                     f"{', '.join(STAGES)}")
+    if scopes - set(stages):
+        parser.error(f"override prefix {', '.join(sorted(scopes - set(stages)))}: not a stage; known: "
+                     f"{', '.join(stages)}")
     if args.steps_scale <= 0 or args.nproc < 1 or args.probe_prompts < 1 or args.max_new_tokens < 1:
         parser.error("--steps-scale, --nproc, --probe-prompts and --max-new-tokens must be positive")
-    args.stages = stages
+    args.stages = chosen
+    args.out = args.out if args.out is not None else Path("outputs") / args.recipe
     return args, rest
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
+    stages = load_recipe(args.recipe).by_name()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     from llmsys.config import unknown_override_error
 
@@ -319,14 +336,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     seconds = {}
     for name in args.stages:
-        took = run_stage(STAGES[name], out, args.steps_scale, extra, args.nproc)
+        took = run_stage(stages[name], out, args.steps_scale, extra, args.nproc)
         seconds[name] = took if took is not None else previous.get(name, {}).get("seconds")
 
-    ctx = ProbeContext(extra, args.probe_prompts, device, args.max_new_tokens)
+    ctx = ProbeContext(stages, extra, args.probe_prompts, device, args.max_new_tokens)
     report: dict = {"command": " ".join(["python -m llmsys.pipeline", *argv]), "out": str(out),
                     "max_new_tokens": args.max_new_tokens, "stages": {}}
     for name in args.stages:
-        stage = STAGES[name]
+        stage = stages[name]
         probes = {}
         for probe in stage.probes:
             started = time.perf_counter()

@@ -98,3 +98,48 @@ def test_rerun_skips_finished_stages(pipeline_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["sft"]["probes"]["format_stop"]["n"] == 4
     assert report["stages"]["sft"]["seconds"] is not None  # carried over from the first run
+
+
+# The stage commands of the default recipe exactly as the code before the recipe moved to
+# configs/experiment/pipeline.yaml produced them (issue #10): same overrides, same order, so no number moves.
+PINNED_COMMANDS = {
+    "pretrain": ["stage=pretrain", "trainer.output_dir={out}/pretrain", "trainer.max_steps=200",
+                 "trainer.resume=auto", "data=shakespeare"],
+    "sft": ["stage=sft", "trainer.output_dir={out}/sft", "trainer.max_steps=100", "trainer.resume=auto",
+            "data=chat", "optim.warmup_steps=10", "model.init_from={out}/pretrain/final"],
+    "reward": ["stage=reward", "trainer.output_dir={out}/reward", "trainer.max_steps=100", "trainer.resume=auto",
+               "data=prefs", "optim.lr=3e-4", "optim.warmup_steps=10", "model.init_from={out}/sft/final"],
+    "dpo": ["stage=dpo", "trainer.output_dir={out}/dpo", "trainer.max_steps=100", "trainer.resume=auto",
+            "data=prefs", "optim.lr=1e-4", "optim.warmup_steps=5", "dpo.beta=0.5", "dpo.nll_weight=1.0",
+            "model.init_from={out}/sft/final"],
+    "ppo": ["stage=ppo", "trainer.output_dir={out}/ppo", "trainer.max_steps=40", "trainer.resume=auto",
+            "data=prefs", "optim.lr=2e-4", "optim.warmup_steps=2", "ppo.adaptive_kl=true", "ppo.kl_target=6",
+            "ppo.init_kl_coef=0.2", "ppo.kl_horizon=320", "ppo.max_new_tokens=32", "trainer.save_every=20",
+            "model.init_from={out}/sft/final", "ppo.reward_model={out}/reward/final"],
+}
+
+
+def test_default_recipe_stage_commands_are_pinned(tmp_path):
+    assert list(STAGES) == list(PINNED_COMMANDS)
+    for name, expected in PINNED_COMMANDS.items():
+        cmd = stage_command(STAGES[name], tmp_path, 1.0, [], nproc=1)
+        assert cmd == [sys.executable, "-m", "llmsys.train", *(a.format(out=tmp_path) for a in expected)], name
+    # Scaled steps round up; the user's overrides (plain, then this stage's) come last.
+    cmd = stage_command(STAGES["ppo"], tmp_path, 0.2, ["x.y=1", "ppo:a.b=2", "sft:c=3"], nproc=1)
+    expected = [a.format(out=tmp_path) for a in PINNED_COMMANDS["ppo"]]
+    assert cmd[3:] == [expected[0], expected[1], "trainer.max_steps=8", *expected[3:], "x.y=1", "a.b=2"]
+
+
+def test_recipe_option_selects_the_file_and_names_the_output():
+    args, rest = parse_args(["--recipe", "pipeline", "--stages", "sft,dpo", "dpo:dpo.beta=1"])
+    assert args.recipe == "pipeline" and args.stages == ["sft", "dpo"] and rest == ["dpo:dpo.beta=1"]
+    assert args.out.parts == ("outputs", "pipeline")
+    assert parse_args([])[0].stages == list(PINNED_COMMANDS)
+
+
+@pytest.mark.parametrize("recipe,message", [("nope", "no configs/experiment/nope.yaml"),
+                                            ("shakespeare_tiny", "no pipeline section")])
+def test_unknown_or_training_recipe_is_refused(recipe, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", recipe])
+    assert message in capsys.readouterr().err

@@ -6,7 +6,6 @@ against the dataclasses in :mod:`llmsys.config.schema`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -17,26 +16,26 @@ from llmsys.config.schema import (  # noqa: F401  (re-exported)
     ConfigError,
     DataConfig,
     DeepSpeedConfig,
+    DPOConfig,
     LoggerConfig,
     LoRAConfig,
     ModelConfig,
     OptimConfig,
+    PPOConfig,
     StageConfig,
     TrainerConfig,
 )
+from llmsys.paths import corpus_path
+from llmsys.paths import llmsys_home  # noqa: F401  (re-exported: llmsys.config.llmsys_home)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def llmsys_home() -> Path:
-    """Root of every cache llmsys writes (data, tokenizers, torch extensions, HF): $LLMSYS_HOME or ~/.cache/llmsys."""
-    return Path(os.environ.get("LLMSYS_HOME", Path.home() / ".cache" / "llmsys")).expanduser()
-
-
 def _embedded_corpus(name: str) -> str:
-    from llmsys.data.embedded import embedded_corpus_path
-
-    return str(embedded_corpus_path(name))
+    # Only a location: every rank converts its config, so a corpus generated here would be built by
+    # every rank before any data is wanted. The data layer writes a generated corpus (prefs) when it
+    # first reads it, on the ranks that prepare data (llmsys.data.embedded.prepare_generated_corpus).
+    return str(corpus_path(name))
 
 
 _registered = False

@@ -7,6 +7,7 @@ component receives a validated object of its own type, never the whole tree.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +24,9 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+PIPELINE_PROBES = ("format_stop",)  # the functions: llmsys.pipeline.PROBES
+# Keys every pipeline stage command sets from the recipe's name/steps and --out; a recipe may not set them.
+PIPELINE_OWNED_KEYS = ("stage", "trainer.output_dir", "trainer.max_steps", "trainer.resume")
 
 
 class ConfigError(ValueError):
@@ -75,7 +79,14 @@ class LoRAConfig:
 
 
 @dataclass
-class ModelConfig:
+class Architecture:
+    """What a checkpoint is: the shapes and constants its weights were trained with.
+
+    An export's config.json records exactly these fields (``llmsys.models.export``), and a run that starts
+    from a checkpoint (``model.init_from``) takes them from there, whatever its own ``model.*`` says;
+    :class:`ModelConfig` adds how a run computes the model, which no checkpoint records.
+    """
+
     name: str = "tiny"
     """Label used in the run directory and the exported config."""
     vocab_size: int = 0
@@ -104,6 +115,50 @@ class ModelConfig:
     """Share the token embedding with the output projection."""
     qkv_bias: bool = False
     """Bias on the query/key/value projections, zero-initialised (Qwen2's layout; Llama has none)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers). Recorded with
+    the checkpoint, as Hugging Face's ``initializer_range`` is."""
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple", "ffn_multiple_of"):
+            _check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+        _check(self.ffn_dim >= 0, "model.ffn_dim", "must be >= 0 (0 = Llama rule)")
+        _check(self.dim % self.n_heads == 0, "model.dim",
+               f"{self.dim} is not divisible by model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0, "model.dim",
+               f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None:
+            _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+                   f"{self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
+
+    def architecture_dict(self) -> Dict[str, Any]:
+        """The architecture fields by name (a ModelConfig's run-time fields left out): what an export records."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
+
+
+@dataclass
+class ModelConfig(Architecture):
+    """The ``model`` config: an :class:`Architecture` plus this run's implementation choices (kernels,
+    recomputation, adapters) and where its weights start. None of these change what the weights mean, so
+    no checkpoint records them and a run that starts from one keeps its own (:meth:`with_architecture`)."""
+
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 compute)."""
     attention: str = "sdpa"
@@ -121,8 +176,6 @@ class ModelConfig:
     decode_attention: str = "torch"
     """Attention of single-token KV-cache decoding steps: torch (SDPA over the cache with a length mask)
     or fused (llmsys._C split-KV decode kernel)."""
-    init_std: float = 0.02
-    """Std of the normal init; residual output projections use init_std / sqrt(2 * n_layers)."""
     init_from: Optional[str] = None
     """Start from an exported llmsys model directory (``.../final``) or a Hugging Face Llama-family
     model directory (see ``llmsys.models.hf``) instead of random weights."""
@@ -130,20 +183,9 @@ class ModelConfig:
     """Low-rank adapters; ``model.lora.rank > 0`` trains only them and freezes every other weight."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):  # read back from an export's config.json
+        if isinstance(self.lora, dict):  # dataclasses.asdict's form (old exports recorded it so)
             self.lora = LoRAConfig(**self.lora)
-        for key in ("dim", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple", "ffn_multiple_of"):
-            _check(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
-        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
-        _check(self.ffn_dim >= 0, "model.ffn_dim", "must be >= 0 (0 = Llama rule)")
-        _check(self.dim % self.n_heads == 0, "model.dim",
-               f"{self.dim} is not divisible by model.n_heads={self.n_heads}")
-        _check((self.dim // self.n_heads) % 2 == 0, "model.dim",
-               f"head_dim {self.dim // self.n_heads} must be even for rotary embeddings")
-        if self.n_kv_heads is not None:
-            _check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
-                   f"{self.n_kv_heads} must divide model.n_heads={self.n_heads}")
-        _check(self.rope_theta > 0, "model.rope_theta", "must be positive")
+        super().__post_init__()
         _one_of(self.attention, ATTENTION_IMPLS, "model.attention")
         _one_of(self.loss, LOSS_IMPLS, "model.loss")
         for key in ("norm", "rope", "mlp", "decode_attention"):
@@ -163,20 +205,9 @@ class ModelConfig:
             _check(importlib.util.find_spec("triton") is not None, "model.attention" if self.attention == "triton"
                    else "model.loss", "needs the triton package, which has wheels for Linux only")
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        if self.ffn_dim:
-            return self.ffn_dim
-        hidden = int(2 * 4 * self.dim / 3)
-        return self.ffn_multiple_of * ((hidden + self.ffn_multiple_of - 1) // self.ffn_multiple_of)
+    def with_architecture(self, architecture: Architecture) -> "ModelConfig":
+        """``architecture``'s fields with this config's implementation choices (and init_from) kept."""
+        return dataclasses.replace(self, **architecture.architecture_dict())
 
 
 @dataclass
@@ -235,7 +266,7 @@ class DataConfig:
 class OptimConfig:
     name: str = "adamw"
     """Optimizer (AdamW; DeepSpeed's CPU Adam when the optimizer state is offloaded)."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of ``lr`` (cosine and linear schedules)."""
@@ -245,7 +276,7 @@ class OptimConfig:
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
     schedule: str = "cosine"
     """Decay after warm-up: cosine, linear or constant."""
@@ -267,7 +298,7 @@ class OptimConfig:
 class TrainerConfig:
     output_dir: str = "outputs/${stage.name}-${model.name}-${data.name}"
     """Run directory: config, metrics, checkpoints and the final export. Same on every rank."""
-    max_steps: int = 1000
+    max_steps: int = 300
     """Optimizer steps to train for."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all ranks (micro_batch_size * world_size * grad accumulation)."""
@@ -277,13 +308,13 @@ class TrainerConfig:
     """fp32 or bf16 (bf16 weights/activations with fp32 master weights and optimizer state)."""
     seed: int = 1234
     """Seeds the model init and the data order."""
-    resume: str = "none"
+    resume: str = "auto"
     """none, auto (latest checkpoint in output_dir, if any) or a checkpoint directory."""
-    save_every: int = 500
+    save_every: int = 100
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep; older ones are deleted after a newer one is complete."""
-    eval_every: int = 100
+    eval_every: int = 50
     """Evaluate on the validation split every N steps (and at the end); 0 disables."""
     eval_samples: int = 64
     """Validation sequences per evaluation (0 or more than the split: all of them)."""
@@ -453,6 +484,68 @@ class PPOConfig:
 
 
 @dataclass
+class PipelineStageConfig:
+    """One stage of a pipeline recipe (``python -m llmsys.pipeline``): it runs as its own process,
+    ``python -m llmsys.train stage=<name> trainer.output_dir=<out>/<name> trainer.max_steps=<steps>
+    trainer.resume=auto <overrides> <inputs> <the user's overrides>``, on top of ``configs/config.yaml``."""
+
+    name: str = MISSING
+    """The training stage (``stage=<name>``) and the run directory ``<out>/<name>``; unique in a recipe."""
+    steps: int = MISSING
+    """``trainer.max_steps`` at ``--steps-scale 1``."""
+    overrides: List[str] = field(default_factory=list)
+    """The stage's own Hydra overrides (data source, learning rate, ...), in order; the user's come after."""
+    inputs: Dict[str, str] = field(default_factory=dict)
+    """Config key -> earlier stage whose export (``<out>/<stage>/final``) it is set to, e.g.
+    ``{model.init_from: sft, ppo.reward_model: reward}``; appended after ``overrides``, in order."""
+    probes: List[str] = field(default_factory=list)
+    """Behaviour probes run on the stage's export for the report (``llmsys.pipeline.PROBES``)."""
+
+    def __post_init__(self) -> None:
+        key = f"pipeline.stages[{self.name}]"
+        _one_of(self.name, STAGES, f"{key}.name")
+        _check(self.steps > 0, f"{key}.steps", f"must be positive, got {self.steps}")
+        for override in self.overrides:
+            _check("=" in override[1:], f"{key}.overrides", f"{override!r} is not a key=value override")
+        overridden = {o.partition("=")[0] for o in self.overrides}
+        for where, keys in ((f"{key}.overrides", overridden), (f"{key}.inputs", set(self.inputs))):
+            owned = sorted(keys & set(PIPELINE_OWNED_KEYS))
+            _check(not owned, where, f"sets {', '.join(owned)}, which the pipeline sets itself (from name, "
+                                     f"steps and --out)")
+        both = sorted(set(self.inputs) & overridden)
+        _check(not both, f"{key}.inputs", f"sets {', '.join(both)}, which overrides set too")
+        for probe in self.probes:
+            _one_of(probe, PIPELINE_PROBES, f"{key}.probes")
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline recipe (``configs/experiment/<name>.yaml``, ``python -m llmsys.pipeline --recipe <name>``):
+    the stages to run, in order, each starting from earlier stages' exports."""
+
+    stages: List[PipelineStageConfig] = field(default_factory=list)
+    """The stages in the order they run (and the default of ``--stages``)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.stages) > 0, "pipeline.stages", "is empty; a recipe names at least one stage")
+        seen: list[str] = []
+        for stage in self.stages:
+            _check(stage.name not in seen, "pipeline.stages", f"names stage {stage.name} twice")
+            for key, source in stage.inputs.items():
+                _check(source in seen, f"pipeline.stages[{stage.name}].inputs",
+                       f"{key} reads stage {source!r}, which is not an earlier stage of the recipe "
+                       f"(earlier: {', '.join(seen) or 'none'})")
+            seen.append(stage.name)
+        probed = [stage.name for stage in self.stages if "format_stop" in stage.probes]
+        _check(not probed or "sft" in seen, "pipeline.stages",
+               f"{', '.join(probed)} run the format_stop probe, which asks the held-out prompts of the sft "
+               f"stage's data; add an sft stage")
+
+    def by_name(self) -> Dict[str, PipelineStageConfig]:
+        return {stage.name: stage for stage in self.stages}
+
+
+@dataclass
 class Config:
     stage: StageConfig = MISSING
     model: ModelConfig = MISSING
@@ -463,6 +556,9 @@ class Config:
     logger: LoggerConfig = MISSING
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: Optional[PipelineConfig] = None
+    """Set only by a pipeline recipe (``configs/experiment/pipeline.yaml``), which ``llmsys.pipeline``
+    reads; training ignores it."""
 
     def __post_init__(self) -> None:
         if self.stage.name in ("reward", "ppo", "dpo"):

@@ -1,13 +1,20 @@
-"""Data for every training stage: pre-training and supervised fine-tuning.
+"""Data for every training stage: pre-training, supervised fine-tuning, reward model, DPO and PPO.
 
-``sources`` reads documents (local .txt/.md/.jsonl/.parquet or a `datasets` source), ``tokenizer``
-loads or trains the tokenizer, ``sft`` turns conversations into masked, packed examples,
-``preference`` turns ranked answers into (prompt, chosen, rejected) pairs and prompt sets for the
-alignment stages, ``pretrain`` packs token files into a cache and serves blocks, and
-``embedded`` finds corpora shipped inside installed packages. ``cache`` holds the atomic,
-content-addressed cache directories they share.
+Reading: ``sources`` reads documents (local .txt/.md/.jsonl/.parquet or a `datasets` source),
+``conversations`` reads and checks chat rows, ``chatterbot`` reads the chatterbot-corpus YAML format.
+``embedded`` names the corpora that need no download (``${llmsys.corpus:NAME}``) and generates the
+generated one, ``embedded_prefs`` (the rule-ranked preference default). ``tokenizer`` loads or
+trains the tokenizer, ``templates`` turns conversations into chat-template tokens and owns each
+template's end-of-turn token.
+
+Per stage: ``pretrain`` packs token files into a cache and serves blocks; ``sft`` turns
+conversations into masked, packed examples; ``preference`` turns ranked answers into (prompt,
+chosen, rejected) pairs; ``prompts`` gives PPO its prompt sets. ``token_cache`` is the chat-token
+cache that SFT and preference data share, and ``cache`` holds the atomic, content-addressed cache
+directories they all use.
 """
 from llmsys.data.cache import data_cache_root
+from llmsys.data.conversations import iter_conversations
 from llmsys.data.embedded import (
     EMBEDDED_CORPORA,
     GENERATED_CORPORA,
@@ -15,17 +22,14 @@ from llmsys.data.embedded import (
     SFT_CORPORA,
     embedded_corpus_path,
 )
+from llmsys.data.embedded_prefs import embedded_prefs_path
 from llmsys.data.preference import (
     PreferenceData,
     PreferencePair,
     PreferencePairs,
-    PromptSet,
     collate_pairs,
-    embedded_prefs_path,
     iter_preference_rows,
-    iter_prompts,
     load_preference_data,
-    load_prompts,
     prepare_preference_data,
 )
 from llmsys.data.pretrain import (
@@ -37,16 +41,13 @@ from llmsys.data.pretrain import (
     prepare_pretrain_data,
     token_dtype,
 )
+from llmsys.data.prompts import PromptSet, iter_prompts, load_prompts
 from llmsys.data.sft import (
-    IGNORE_INDEX,
     PackedSFT,
     SFTData,
     SFTExamples,
-    chat_template_for,
     collate_packed,
     collate_padded,
-    format_and_stop_rate,
-    iter_conversations,
     load_sft_data,
     pack_examples,
     prepare_sft_data,
@@ -60,6 +61,8 @@ from llmsys.data.sources import (
     open_source,
     source_fingerprint,
 )
+from llmsys.data.templates import chat_template_for
+from llmsys.data.token_cache import IGNORE_INDEX
 from llmsys.data.tokenizer import (
     EOS_TOKEN,
     IM_END_TOKEN,
@@ -106,7 +109,6 @@ __all__ = [
     "data_cache_root",
     "embedded_corpus_path",
     "embedded_prefs_path",
-    "format_and_stop_rate",
     "get_tokenizer",
     "iter_conversations",
     "iter_documents",

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 from typing import Callable, Optional
 
-from llmsys.config import llmsys_home
+from llmsys.paths import data_home
 from llmsys.config.schema import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def data_cache_root(cfg: DataConfig) -> Path:
     """Where tokenizers and packed data are cached: ``data.cache_dir``, else ``$LLMSYS_HOME/data``."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    return llmsys_home() / "data"
+    return data_home()
 
 
 def stable_hash(*parts: object) -> str:
@@ -123,6 +123,27 @@ def build_keyed(final: Path, key: str, read: Callable[[Path], Optional[dict]],
     manifest = read(final)
     assert manifest is not None, f"{final} was just published without a valid manifest"
     return manifest, built
+
+
+def publish_link(link: Path, target: Path) -> None:
+    """Point the symbolic link ``link`` at ``target`` (by a relative path); nothing to do when it already does.
+
+    For a fixed name in front of keyed directories (a generated corpus): the new link is made under a
+    temporary name and renamed over the old one, so a reader finds either target, never no file.
+    """
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir_for(link)  # the temp-name scheme of build_once (a link here, not a directory)
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(relative, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_manifest(directory: Path, name: str, manifest: dict) -> None:

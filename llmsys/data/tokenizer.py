@@ -334,3 +334,13 @@ def get_tokenizer(cfg: DataConfig, cache_root: Path) -> Tokenizer:
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     return tokenizer_for_source(cfg, open_source(cfg), cache_root)
+
+
+def resolve_tokenizer(cfg: DataConfig, tokenizer: Optional[Tokenizer], needed_by: str) -> Tokenizer:
+    """``tokenizer``, else ``data.tokenizer`` loaded; ``needed_by`` opens the error when neither is given."""
+    if tokenizer is not None:
+        return tokenizer
+    if not cfg.tokenizer:
+        raise DataError(f"{needed_by}: set data.tokenizer (the model's directory holding tokenizer.json) "
+                        f"or pass tokenizer=")
+    return load_tokenizer(cfg.tokenizer)

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from llmsys.config import DeepSpeedConfig, llmsys_home
+from llmsys.config import DeepSpeedConfig
+from llmsys.paths import llmsys_home, torch_extensions_home
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def setup_environment() -> None:
       (DeepSpeed engine, Triton kernels) runs on a laptop.
     """
     home = llmsys_home()
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_home()))
     os.environ.setdefault("HF_HOME", str(home / "hf"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(home / "hf" / "datasets"))
     os.environ.setdefault("WANDB_CACHE_DIR", str(home / "wandb_cache"))

@@ -3,11 +3,12 @@
 The format/stop probe asks every checkpoint the same questions the same way: the user turns of SFT
 validation conversations, rendered with the chat template's generation prompt
 (``<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``), decoded greedily (or
-sampled with a fixed seed) until ``<|im_end|>`` or ``max_new_tokens``. A pretrained-only model has
-the template tokens in its vocabulary (llmsys's BPE reserves them) but never saw them in training, so
-it rambles past the end of the turn; SFT teaches it to answer and stop. The rates come from
-:func:`llmsys.data.format_and_stop_rate`; the same answers are also scored by
-:class:`llmsys.eval.RuleAnnotator` (``annotator_score``), the preference that the alignment stages
+sampled with a fixed seed) until the template's end-of-turn token (ChatML: ``<|im_end|>``; a
+tokenizer's own template: its EOS) or ``max_new_tokens``. A pretrained-only model has the template
+tokens in its vocabulary (llmsys's BPE reserves them) but never saw them in training, so it rambles
+past the end of the turn; SFT teaches it to answer and stop. The rates come from
+:func:`format_and_stop_rate`; the same answers are also scored by
+:class:`llmsys.rlhf.RuleAnnotator` (``annotator_score``), the preference that the alignment stages
 (DPO, PPO) should raise.
 
 Prompts are chosen so no model has seen them in training: a validation conversation counts only when
@@ -23,19 +24,21 @@ import torch
 
 from llmsys.config.schema import DataConfig
 from llmsys.data import (
+    EOS_TOKEN,
     IM_END_TOKEN,
+    IM_START_TOKEN,
+    PAD_TOKEN,
     Tokenizer,
     chat_template_for,
     data_cache_root,
-    format_and_stop_rate,
     iter_conversations,
     load_sft_data,
     load_tokenizer,
     prepare_sft_data,
 )
-from llmsys.eval.annotator import RuleAnnotator
 from llmsys.models import Transformer, load_state, read_config
 from llmsys.models.generation import generate
+from llmsys.rlhf.rewards import RuleAnnotator
 
 Messages = list[dict[str, str]]
 
@@ -96,17 +99,16 @@ def held_out_prompts(data_cfg: DataConfig, tokenizer: Tokenizer, n: int | None =
 def format_stop_probe(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages], *,
                       max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                       batch_size: int = 32, chat_template: str = "auto", samples: int = 0) -> dict:
-    """Generate an assistant turn for each prompt; how often it is well-formed and stops at ``<|im_end|>``.
+    """Generate an assistant turn for each prompt; how often it is well-formed and stops at the end of turn.
 
-    Returns ``format_and_stop_rate``'s ``n``/``stopped``/``well_formed``/``both`` plus
-    ``mean_length`` (generated tokens per answer, ``<|im_end|>`` included; ``max_new_tokens`` when it
-    never stopped) and, when ``samples`` > 0, the first ``samples`` (question, answer) pairs as text.
+    The end of turn is the template's (``chat_template``; ChatML: ``<|im_end|>``). Returns
+    ``format_and_stop_rate``'s ``n``/``stopped``/``well_formed``/``both`` plus ``mean_length``
+    (generated tokens per answer, the end-of-turn token included; ``max_new_tokens`` when it never
+    stopped) and, when ``samples`` > 0, the first ``samples`` (question, answer) pairs as text.
     ``temperature`` 0 is greedy; otherwise sampling draws from a generator seeded with ``seed``.
     """
-    eos_id = tokenizer.token_to_id(IM_END_TOKEN)
-    if eos_id is None:
-        raise ValueError(f"the tokenizer has no {IM_END_TOKEN} token, so no end of turn can be measured")
     template = chat_template_for(tokenizer, chat_template)
+    end_of_turn = template.end_of_turn_id
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     answers: list[list[int]] = []
@@ -117,12 +119,12 @@ def format_stop_probe(model: Transformer, tokenizer: Tokenizer, prompts: Sequenc
             raise ValueError(f"a prompt of {max(len(p) for p in batch)} tokens leaves no room to answer within "
                              f"the model's max_seq_len={model.cfg.max_seq_len}")
         out = generate(model, batch, min(max_new_tokens, room), temperature=temperature, top_p=top_p,
-                       eos_id=eos_id, pad_id=tokenizer.pad_id, generator=generator)
+                       eos_id=end_of_turn, pad_id=tokenizer.pad_id, generator=generator)
         answers += [out.tokens[row, :int(out.lengths[row])].tolist() for row in range(len(batch))]
-    result: dict = dict(format_and_stop_rate(answers, tokenizer))
+    result: dict = dict(format_and_stop_rate(answers, tokenizer, chat_template))
     result["mean_length"] = sum(len(a) for a in answers) / len(answers)
     # The rule-based stand-in for human rankers (the one that ranked data=prefs): what alignment should raise.
-    finished = [bool(a) and a[-1] == eos_id for a in answers]
+    finished = [bool(a) and a[-1] == end_of_turn for a in answers]
     texts = [tokenizer.decode(a[:-1] if done else a) for a, done in zip(answers, finished)]
     result["annotator_score"] = RuleAnnotator().mean_score([p[-1]["content"] for p in prompts], texts, finished)
     if samples:
@@ -130,3 +132,32 @@ def format_stop_probe(model: Transformer, tokenizer: Tokenizer, prompts: Sequenc
                               "answer": tokenizer.decode(answers[i], skip_special_tokens=False)}
                              for i in range(min(samples, len(answers)))]
     return result
+
+
+def format_and_stop_rate(generations: Sequence[Sequence[int]], tokenizer: Tokenizer,
+                         chat_template: str = "auto") -> dict[str, float]:
+    """How often generated assistant turns stop properly and stay well-formed.
+
+    ``generations`` are the token ids generated after the assistant header for held-out prompts.
+    ``stopped``: the fraction that end with the end-of-turn token of the template ``chat_template``
+    selects for ``tokenizer`` (ChatML: ``<|im_end|>``). ``well_formed``: the fraction with no template
+    token (``<|im_start|>``, ``<|endoftext|>``, ``<|pad|>``, or an end of turn before the end) and some
+    content before the stop. ``both``: stopped and well-formed.
+    """
+    n = len(generations)
+    if n == 0:
+        raise ValueError("format_and_stop_rate needs at least one generation")
+    end_of_turn = chat_template_for(tokenizer, chat_template).end_of_turn_id
+    stray = {tokenizer.token_to_id(token) for token in (IM_START_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_END_TOKEN)}
+    stray.add(end_of_turn)
+    stray.discard(None)
+    stopped = well_formed = both = 0
+    for generation in generations:
+        ids = list(generation)
+        ends = bool(ids) and ids[-1] == end_of_turn
+        body = ids[:-1] if ends else ids
+        clean = bool(body) and not any(token in stray for token in body)
+        stopped += ends
+        well_formed += clean
+        both += ends and clean
+    return {"n": n, "stopped": stopped / n, "well_formed": well_formed / n, "both": both / n}

@@ -32,6 +32,8 @@ from types import ModuleType
 
 import torch
 
+from llmsys.paths import torch_extensions_home
+
 EXT_NAME = "llmsys_C"
 # Set to 1 at install time (setup.py compiles llmsys._C) or in CI (prebuild the JIT cache).
 BUILD_ENV = "LLMSYS_BUILD_EXT"
@@ -47,14 +49,6 @@ ERROR_TAIL_CHARS = 6000
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
-
-
-def _llmsys_home() -> Path:
-    try:
-        from llmsys.config import llmsys_home
-    except ImportError:  # the config needs hydra, which e.g. a bare GPU box running the kernel tests lacks
-        return Path(os.environ.get("LLMSYS_HOME", Path.home() / ".cache" / "llmsys")).expanduser()
-    return llmsys_home()
 
 
 def csrc_dir() -> Path:
@@ -82,7 +76,7 @@ def sources(root: Path, with_cuda: bool) -> list[Path]:
 
 
 def build_directory() -> Path:
-    path = _llmsys_home() / "torch_extensions" / EXT_NAME
+    path = torch_extensions_home() / EXT_NAME
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,6 +1,11 @@
-"""Models: plain nn.Module code, no parallelism."""
+"""Models: plain nn.Module code, no parallelism, and the two checkpoint formats they load from.
+
+Inside, imports point one way: ``layers`` <- ``lora`` <- ``transformer`` (the ``Decoder`` trunk and the LM)
+<- ``heads``, ``generation``; ``export`` (llmsys's format) <- ``hf`` (Hugging Face's) <- ``pretrained``,
+which reads either.
+"""
 from llmsys.models.hf import export_hf, import_hf, load_hf, save_hf
-from llmsys.models.pretrained import load_state, read_config, save_pretrained
+from llmsys.models.pretrained import init_config, load_state, read_config, save_pretrained
 from llmsys.models.transformer import (
     IGNORE_INDEX,
     Transformer,
@@ -11,5 +16,5 @@ from llmsys.models.transformer import (
 
 __all__ = [
     "IGNORE_INDEX", "Transformer", "count_parameters", "flops_per_token", "resolve_vocab_size",
-    "load_state", "read_config", "save_pretrained", "load_hf", "save_hf", "export_hf", "import_hf",
+    "load_state", "read_config", "init_config", "save_pretrained", "load_hf", "save_hf", "export_hf", "import_hf",
 ]

@@ -1,16 +1,17 @@
 """Scalar heads on the decoder: the reward model and the PPO critic (value model).
 
-:class:`ScalarHeadModel` is the Llama-family decoder with its LM head replaced by a linear map from
-the final hidden state to one number per position. Its parameter names are the decoder's own
-(``tok_embeddings.*``, ``layers.*``, ``norm.*``) plus ``score.weight`` / ``score.bias``, so it starts
-from any LM export (the head is then freshly initialised) or from a reward export (head included).
+:class:`ScalarHeadModel` is the Llama-family decoder trunk (:class:`~llmsys.models.transformer.Decoder`,
+no LM head) with a linear map from the final hidden state to one number per position. Its parameter
+names are the trunk's own (``tok_embeddings.*``, ``layers.*``, ``norm.*``) plus ``score.weight`` /
+``score.bias``, so it starts from any LM export (the LM's ``output.weight`` unused, the head freshly
+initialised) or from a reward export (head included).
 
 - Reward model (InstructGPT, Ouyang et al. 2022, sec. 3.5): the score of a (prompt, response)
   sequence is the head's output at the response's last token (the end-of-turn token).
 - Critic: the head's output at every position is V(s_t), the value of the state before the token at
   t + 1 is generated.
 
-An export carries ``"head": "scalar"`` in its config.json, next to the decoder's config.
+An export carries ``"head": "scalar"`` in its config.json, next to the decoder's architecture.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 
 from llmsys.config import ModelConfig
-from llmsys.models.pretrained import CONFIG_NAME
-from llmsys.models.transformer import Transformer
+from llmsys.models.export import CONFIG_NAME
+from llmsys.models.lora import freeze_base
+from llmsys.models.transformer import Decoder
 
 HEAD_KEY = "head"
 SCALAR_HEAD = "scalar"
@@ -51,12 +53,14 @@ class ScalarHead(nn.Linear):
             self.bias.zero_()
 
 
-class ScalarHeadModel(Transformer):
-    """Decoder -> (B, T) scalars. The LM head is dropped (an untied one would get no gradient)."""
+class ScalarHeadModel(Decoder):
+    """Decoder trunk -> (B, T) scalars. No LM head is built: the vocabulary-sized matrix would be memory
+    (and, under ZeRO-3, a partitioned parameter) that no score reads."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.output = None
+        if cfg.lora.rank > 0:  # the trunk trains through its adapters only; the head below trains in full
+            freeze_base(self)
         self.score = ScalarHead(cfg.dim)
 
     def forward(self, input_ids: torch.Tensor, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -36,7 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmsys.config import ModelConfig
-from llmsys.models.pretrained import publish_dir
+from llmsys.config.schema import Architecture
+from llmsys.models.export import FORMAT, load_export_state, publish_dir, read_export_config, save_pretrained
 from llmsys.models.transformer import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -76,7 +77,8 @@ _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.wei
 # ----------------------------------------------------------------------------------------------- config
 
 def config_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_NAME) -> ModelConfig:
-    """A ModelConfig for a Llama/Mistral/Qwen2 ``config.json``; refuses what the model cannot compute."""
+    """The architecture of a Llama/Mistral/Qwen2 ``config.json`` (as a ModelConfig with the default
+    implementation choices); refuses what the model cannot compute."""
 
     def refuse(field: str, why: str):
         raise ValueError(f"{source}: {field}: {why}")
@@ -154,7 +156,7 @@ def config_from_hf(hf_config: Mapping[str, Any], source: str = CONFIG_NAME) -> M
     )
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def config_to_hf(cfg: Architecture, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A ``config.json`` for this model: LlamaForCausalLM, or Qwen2ForCausalLM when it has q/k/v biases."""
     hf = {
         "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
@@ -187,7 +189,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
 
 # ----------------------------------------------------------------------------------------------- weights
 
-def _name_map(cfg: ModelConfig) -> dict[str, str]:
+def _name_map(cfg: Architecture) -> dict[str, str]:
     """llmsys name -> HF name for every tensor the model stores (no lm_head when tied)."""
     names = dict(_GLOBAL_NAMES)
     if cfg.tie_embeddings:
@@ -198,13 +200,14 @@ def _name_map(cfg: ModelConfig) -> dict[str, str]:
     return names
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = Transformer(cfg)
+def _expected_shapes(cfg: Architecture) -> dict[str, torch.Size]:
+    # The architecture alone fixes the shapes: built without the run's adapters, on meta (no memory, no init cost).
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**cfg.architecture_dict()))
     return {name: t.shape for name, t in model.state_dict().items()}
 
 
-def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig,
+def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: Architecture,
                   files: Optional[Mapping[str, str | Path]] = None) -> dict[str, torch.Tensor]:
     """HF tensors -> llmsys state dict (tied output aliased to the embedding). ``files`` maps each HF name
     to the file it came from, for the error messages."""
@@ -236,7 +239,7 @@ def state_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig,
     return state
 
 
-def state_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_to_hf(state: Mapping[str, torch.Tensor], cfg: Architecture) -> dict[str, torch.Tensor]:
     """llmsys state dict -> HF tensors (contiguous, on CPU; no lm_head when tied, as transformers saves)."""
     names = _name_map(cfg)
     out = {}
@@ -268,7 +271,7 @@ def is_hf_checkpoint(path: str | Path) -> bool:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError:
         return False
-    return (isinstance(meta, dict) and meta.get("format") != "llmsys"
+    return (isinstance(meta, dict) and meta.get("format") != FORMAT
             and ("architectures" in meta or "model_type" in meta))
 
 
@@ -324,7 +327,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
     return tensors, files
 
 
-def load_hf_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def load_hf_state(path: str | Path, cfg: Architecture) -> dict[str, torch.Tensor]:
     """The weights of a Hugging Face directory under llmsys's names, checked against ``cfg``."""
     tensors, files = _read_tensors(resolve_model_dir(path))
     return state_from_hf(tensors, cfg, files)
@@ -375,7 +378,7 @@ def _copy_tokenizer_files(src: Path, dst: Path, with_generation_config: bool) ->
             shutil.copy2(src / name, dst / name)
 
 
-def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
+def save_hf(state: Mapping[str, torch.Tensor], cfg: Architecture, out_dir: str | Path,
             tokenizer_dir: Optional[str | Path] = None) -> Path:
     """Write a Hugging Face directory atomically (``<out_dir>.tmp``, then renamed): config.json,
     model.safetensors, generation_config.json and the tokenizer files found in ``tokenizer_dir``."""
@@ -402,16 +405,12 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | 
 
 def export_hf(export_dir: str | Path, out_dir: str | Path) -> Path:
     """An llmsys export (``.../final``) -> a Hugging Face directory, tokenizer included."""
-    from llmsys.models.pretrained import load_state, read_config
-
-    cfg = read_config(export_dir)
-    return save_hf(load_state(export_dir, cfg), cfg, out_dir, tokenizer_dir=export_dir)
+    cfg = read_export_config(export_dir)
+    return save_hf(load_export_state(export_dir, cfg), cfg, out_dir, tokenizer_dir=export_dir)
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """A Hugging Face directory (or hub name) -> an llmsys export, tokenizer and generation config included."""
-    from llmsys.models.pretrained import save_pretrained
-
     hf_dir = resolve_model_dir(hf_dir)
     cfg, state = load_hf(hf_dir)
     with tempfile.TemporaryDirectory() as staging:  # only the tokenizer files, not HF's config.json

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmsys.config import LoRAConfig, ModelConfig
-from llmsys.models.transformer import Linear
+from llmsys.models.layers import Linear
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 

@@ -1,94 +1,44 @@
-"""llmsys's own export format: ``model.safetensors`` + ``config.json`` (+ tokenizer files).
+"""Pretrained weights in either format: an llmsys export or a Hugging Face model directory (or hub name).
 
-This is what every stage writes to ``<output_dir>/final`` and what ``model.init_from`` reads, so the
-next stage starts from the previous one by path. Weights are read with safetensors only (no pickle).
+``model.init_from`` and every reader of a stage's output come through here. :func:`read_config` and
+:func:`load_state` look at what a directory holds and read it through :mod:`llmsys.models.export` or
+:mod:`llmsys.models.hf`; :func:`init_config` is the model config of a run that starts from one.
+Exports are written by :func:`save_pretrained` (llmsys's format; the Hugging Face one is ``hf.save_hf``).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from pathlib import Path
-from typing import Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from llmsys.config import ModelConfig
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-FORMAT = "llmsys"
-
-
-def _unique_state(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share storage; a tied output projection is the embedding.
-    out = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if cfg.tie_embeddings:
-        out.pop("output.weight", None)
-    return out
+from llmsys.config.schema import Architecture
+from llmsys.models.export import load_export_state, read_export_config
+from llmsys.models.export import save_pretrained  # noqa: F401  (re-exported: writers import it from here)
+from llmsys.models.hf import is_hf_checkpoint, is_hub_name, load_hf_state, read_hf_config
 
 
-def save_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
-                    tokenizer_dir: Optional[str | Path] = None, extra: Optional[dict] = None) -> Path:
-    """Write an export atomically: into ``<out_dir>.tmp`` first, then renamed over ``out_dir``."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_unique_state(state, cfg), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), **(extra or {})}
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    return publish_dir(tmp, out_dir)
-
-
-def publish_dir(tmp: Path, out_dir: Path) -> Path:
-    """Rename a fully written ``tmp`` over ``out_dir``, so a reader never sees a half-written export."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+def _is_hf(path: str | Path) -> bool:
+    return is_hf_checkpoint(path) or is_hub_name(path)
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The model config of an llmsys export, or of a Hugging Face model directory (``llmsys.models.hf``)."""
-    from llmsys.models import hf
-
-    if hf.is_hf_checkpoint(path) or hf.is_hub_name(path):
-        return hf.read_hf_config(path)
-    path = Path(path)
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file}: not found; model.init_from must be an llmsys export directory "
-                                f"holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a Hugging Face model directory")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise ValueError(f"{cfg_file}: not an llmsys export (expected \"format\": \"{FORMAT}\" and a \"model\" field)")
-    return ModelConfig(**meta["model"])
+    """The architecture saved at ``path`` (llmsys export or Hugging Face directory), as a ModelConfig with
+    the default implementation choices: what the weights need, none of a run's kernels or adapters."""
+    return read_hf_config(path) if _is_hf(path) else read_export_config(path)
 
 
-def load_state(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The saved weights, with the tied output projection restored as an alias of the embedding.
+def load_state(path: str | Path, cfg: Architecture) -> dict[str, torch.Tensor]:
+    """The weights saved at ``path`` under llmsys's names (a Hugging Face directory's renamed and checked
+    against ``cfg``), the tied output projection an alias of the embedding."""
+    return load_hf_state(path, cfg) if _is_hf(path) else load_export_state(path, cfg)
 
-    A Hugging Face directory is read through ``llmsys.models.hf`` and renamed to llmsys's names."""
-    from llmsys.models import hf
 
-    if hf.is_hf_checkpoint(path) or hf.is_hub_name(path):
-        return hf.load_hf_state(path, cfg)
-    weights = Path(path) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: not found")
-    state = load_file(str(weights))
-    if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return state
+def init_config(path: str | Path, run: ModelConfig) -> ModelConfig:
+    """The model config of a run whose weights start from ``path`` (``model.init_from``).
+
+    The architecture is the one saved at ``path`` (``run``'s own architecture fields are overridden); the
+    implementation (kernels, activation checkpointing, LoRA) is ``run``'s; ``init_from`` is ``path``.
+    """
+    return dataclasses.replace(run.with_architecture(read_config(path)), init_from=str(path))

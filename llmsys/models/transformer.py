@@ -5,6 +5,12 @@ Pre-norm blocks of RMSNorm -> grouped-query attention with rotary position embed
 Ainslie et al. 2023 for GQA). The module knows nothing of parallelism: DeepSpeed wraps it from
 ``llmsys.distributed``.
 
+:class:`Decoder` is the trunk (embeddings, blocks, final norm: token ids -> hidden states) and holds no
+output layer; :class:`Transformer`, the language model, is the trunk plus the vocabulary-sized
+:class:`OutputHead`, and ``llmsys.models.heads.ScalarHeadModel`` is the trunk plus a one-number head.
+Both subclass the trunk, so its parameters keep their names (``tok_embeddings.*``, ``layers.*``,
+``norm.*``) in every model and one export loads into either.
+
 Weights are initialised inside each module's own ``__init__`` (not by a later ``apply``): under
 ZeRO-3, ``deepspeed.zero.Init`` partitions a module's parameters as soon as its constructor returns,
 so initialisation that runs afterwards would touch empty shards.
@@ -21,25 +27,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llmsys.config import ModelConfig
+from llmsys.config.schema import Architecture
+from llmsys.models.layers import Embedding, Linear
+from llmsys.models.lora import freeze_base, linear
 
 IGNORE_INDEX = -100
-
-
-class Linear(nn.Linear):
-    """Linear layer with a normal(0, std) init done in the constructor (see module doc); bias-free
-    unless asked for (Qwen2's q/k/v projections), and then zero-initialised."""
-
-    def __init__(self, in_features: int, out_features: int, std: float, bias: bool = False):
-        super().__init__(in_features, out_features, bias=bias)
-        nn.init.normal_(self.weight, mean=0.0, std=std)
-        if bias:
-            nn.init.zeros_(self.bias)
-
-
-class Embedding(nn.Embedding):
-    def __init__(self, num_embeddings: int, dim: int, std: float):
-        super().__init__(num_embeddings, dim)
-        nn.init.normal_(self.weight, mean=0.0, std=std)
 
 
 class OutputHead(Linear):
@@ -165,7 +157,7 @@ class KVCache:
     lengths: torch.Tensor  # (B,) int32
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+    def allocate(cls, cfg: Architecture, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device) -> "KVCache":
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a KV cache of {max_len} positions exceeds model.max_seq_len={cfg.max_seq_len}")
@@ -199,9 +191,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.impl = cfg.attention
         self.fused_rope = cfg.rope == "fused"
-        # A Linear, or a LoRALinear where model.lora targets it (imported here: lora.py builds on Linear).
-        from llmsys.models.lora import linear
-
+        # Each projection is a Linear, or a LoRALinear where model.lora targets it.
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.wq = linear(cfg, "wq", cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
         self.wk = linear(cfg, "wk", cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std, bias=cfg.qkv_bias)
@@ -267,8 +257,6 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llmsys.models.lora import linear
-
         hidden = cfg.hidden_dim
         self.w1 = linear(cfg, "w1", cfg.dim, hidden, cfg.init_std)
         self.w3 = linear(cfg, "w3", cfg.dim, hidden, cfg.init_std)
@@ -299,8 +287,12 @@ class Block(nn.Module):
         return h + self.feed_forward(normed)
 
 
-class Transformer(nn.Module):
-    """Decoder-only language model. ``cfg.vocab_size`` must be resolved (> 0) before construction."""
+class Decoder(nn.Module):
+    """The decoder trunk: token embeddings -> blocks -> final norm, (B, T) ids -> (B, T, dim) hidden states.
+
+    No output layer: :class:`Transformer` adds the LM head, ``ScalarHeadModel`` a scalar one.
+    ``cfg.vocab_size`` must be resolved (> 0) before construction.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -311,13 +303,6 @@ class Transformer(nn.Module):
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm == "fused")
-        self.output = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, fused_loss=cfg.loss == "fused")
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        if cfg.lora.rank > 0:  # only the adapters train
-            from llmsys.models.lora import freeze_base
-
-            freeze_base(self)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,21 +341,9 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, packing)
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, logprobs_temperature: Optional[float] = None):
-        """Logits (B, T, V) when ``labels`` is None, else the mean next-token loss over labels != -100.
-
-        ``labels`` are already aligned with ``input_ids`` (labels[t] is the token after input_ids[t]).
-        With ``model.loss=fused`` the loss never materialises the (B*T, V) logits. With
-        ``logprobs_temperature`` set, returns ``(logprobs, entropy)`` per token instead of the loss (the
-        alignment stages' view; 0 at ignored labels), through ``llmsys.kernels.linear_logprobs`` when fused.
-        """
-        return self.output(self.hidden_states(input_ids, cu_seqlens), labels, logprobs_temperature)
-
-
-    @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, use_decode_kernel: bool = False) -> torch.Tensor:
-        """Run new tokens (B, T) through the model at each sequence's cache position; return logits (B, T, V).
+    def cached_hidden_states(self, input_ids: torch.Tensor, cache: KVCache,
+                             use_decode_kernel: bool = False) -> torch.Tensor:
+        """:meth:`hidden_states` of new tokens (B, T) placed at each sequence's cache position.
 
         Token t of sequence b is placed at position ``cache.lengths[b] + t``; its keys/values are written
         into ``cache`` and ``cache.lengths`` advances by T. With ``use_decode_kernel`` and T == 1 the
@@ -391,10 +364,40 @@ class Transformer(nn.Module):
             step = _CacheStep(k_cache, v_cache, positions, mask, lengths_after)
             h = layer(h, cos[positions], sin[positions], None, step)
         cache.lengths = lengths_after
-        return self.output(self.norm(h))
+        return self.norm(h)
 
 
-def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+class Transformer(Decoder):
+    """Decoder-only language model: the :class:`Decoder` trunk and the LM head ``output``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # Built after the trunk, so the random init draws in the order embeddings, blocks, head.
+        self.output = OutputHead(cfg.dim, cfg.vocab_size, cfg.init_std, fused_loss=cfg.loss == "fused")
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if cfg.lora.rank > 0:  # only the adapters train
+            freeze_base(self)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, logprobs_temperature: Optional[float] = None):
+        """Logits (B, T, V) when ``labels`` is None, else the mean next-token loss over labels != -100.
+
+        ``labels`` are already aligned with ``input_ids`` (labels[t] is the token after input_ids[t]).
+        With ``model.loss=fused`` the loss never materialises the (B*T, V) logits. With
+        ``logprobs_temperature`` set, returns ``(logprobs, entropy)`` per token instead of the loss (the
+        alignment stages' view; 0 at ignored labels), through ``llmsys.kernels.linear_logprobs`` when fused.
+        """
+        return self.output(self.hidden_states(input_ids, cu_seqlens), labels, logprobs_temperature)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, use_decode_kernel: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) of new tokens (B, T) run at each sequence's cache position, which they fill
+        (see :meth:`Decoder.cached_hidden_states`)."""
+        return self.output(self.cached_hidden_states(input_ids, cache, use_decode_kernel))
+
+
+def resolve_vocab_size(cfg: Architecture, tokenizer_vocab: int) -> int:
     """The embedding size for this tokenizer: the configured size, or the tokenizer's rounded up."""
     if cfg.vocab_size == 0:
         m = cfg.pad_vocab_multiple
@@ -405,7 +408,7 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     return cfg.vocab_size
 
 
-def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+def count_parameters(cfg: Architecture) -> dict[str, int]:
     """Closed-form parameter count (unique tensors, tied embeddings counted once)."""
     d, L, V, hd = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo + wk, wv
@@ -419,7 +422,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def flops_per_token(cfg: Architecture, seq_len: int) -> int:
     """Training FLOPs per token, PaLM appendix B: 6 * N + 12 * L * H * Q * T.
 
     N counts every weight used in a matmul: all parameters but the embedding lookup, plus the output

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmsys.rlhf.stats import masked_whiten  # noqa: F401  (re-exported: one implementation, in stats)
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -17,20 +19,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is 1 (whole batch); 0 if nothing is unmasked."""
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``(x - mean) / std`` with mean and (unbiased) variance over the unmasked entries of the whole batch.
-
-    With ``shift_mean=False`` the mean is added back, so only the scale changes (as for PPO
-    rewards, whose sign carries meaning). Masked entries come back as computed, not zeroed.
-    """
-    mask = mask.to(x.dtype)
-    count = mask.sum()
-    mean = (x * mask).sum() / count.clamp(min=1.0)
-    variance = (((x - mean) ** 2) * mask).sum() / (count - 1).clamp(min=1.0)
-    whitened = (x - mean) * torch.rsqrt(variance + 1e-8)
-    return whitened if shift_mean else whitened + mean
 
 
 def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from llmsys.config import Config
-from llmsys.data.preference import PreferencePairs, collate_pairs
 from llmsys.data import BlockSampler
+from llmsys.data.preference import PreferencePairs, collate_pairs
 from llmsys.distributed import DistInfo, Engine, all_reduce_sum, barrier
 from llmsys.models import IGNORE_INDEX
 from llmsys.rlhf.losses import chosen_nll_loss, dpo_loss
+from llmsys.trainers.components import equal_share, preference_pairs
 from llmsys.trainers.lm import Batch, LMData, train_lm
-from llmsys.trainers.reward import load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,15 @@ def reference_logps(engine: Engine, pairs: PreferencePairs, wanted: list[int], p
     """(N, 2) chosen/rejected log-probs under the current weights of the pairs ``wanted`` (0 elsewhere).
     Collective: the pairs are split over ranks, every rank runs the same number of forward passes (the
     last rank may repeat a pair, counted once), and the results are summed over ranks."""
-    per_rank = -(-len(wanted) // dist.world_size)
+    share, n_real = equal_share(wanted, dist, every_item=True)
     out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=dist.device)
-    mine = wanted[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-    padded = (mine + wanted[:1] * per_rank)[:per_rank] if wanted else []
     with engine.evaluating():
-        for start in range(0, per_rank, micro_batch):
-            indices = padded[start:start + micro_batch]
+        for start in range(0, len(share), micro_batch):
+            indices = share[start:start + micro_batch]
             batch = {k: v.to(dist.device) for k, v in collate_pairs([pairs.pair(i) for i in indices], pad).items()}
             logps = sequence_logps(engine, batch).double()
             for row, index in enumerate(indices):
-                if start + row < len(mine):
+                if start + row < n_real:
                     out[index, 0], out[index, 1] = logps[row], logps[len(indices) + row]
     return all_reduce_sum(out).float().cpu()
 
@@ -70,7 +68,7 @@ def visited_pairs(cfg: Config, train_size: int, val_size: int) -> dict[str, list
 
 
 def run(cfg: Config, dist: DistInfo) -> dict:
-    cache_dir, data = load_pairs(cfg, dist)
+    cache_dir, data = preference_pairs(cfg, dist)
     pad = data.tokenizer.pad_id
     out = Path(cfg.trainer.output_dir)
     reference: dict[str, torch.Tensor] = {}

@@ -21,18 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-from llmsys.config import Config, LoRAConfig, ModelConfig
+from llmsys.config import Config
 from llmsys.data import BlockSampler
-from llmsys.distributed import (
-    DistInfo,
-    Engine,
-    all_reduce_sum,
-    barrier,
-    latest_checkpoint,
-)
-from llmsys.models import Transformer, count_parameters, flops_per_token, load_state, read_config, resolve_vocab_size
-from llmsys.models.lora import is_lora_param, lora_parameter_count, merge_lora_state
-from llmsys.models.pretrained import save_pretrained
+from llmsys.distributed import DistInfo, Engine, barrier
+from llmsys.models import Transformer, count_parameters, flops_per_token, resolve_vocab_size
+from llmsys.models.lora import is_lora_param, lora_parameter_count
+from llmsys.trainers.components import MetricWindow, equal_share, export_final, initial_weights, resume_path
 from llmsys.trainers.observe import MetricsLogger, Throughput, device_peak_tflops, write_run_config
 
 log = logging.getLogger(__name__)
@@ -72,81 +66,8 @@ class LMData:
     before_training: Optional[Callable[[Engine], None]] = None
 
 
-# Implementation switches (kernels, recomputation, adapters) come from the run's config; everything
-# else (the architecture) from the checkpoint it starts from.
-IMPLEMENTATION_FIELDS = ("attention", "loss", "norm", "rope", "mlp", "decode_attention",
-                         "activation_checkpointing", "lora")
-
-
-def initial_weights(run_model: ModelConfig, path: str, dist: DistInfo,
-                    zero_stage: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The architecture and weights saved at ``path`` (llmsys export or Hugging Face directory), with this
-    run's implementation switches. Under ZeRO-3 only rank 0 reads the file (the others get ``{}`` and
-    join the gathered copy)."""
-    saved = read_config(path)
-    model_cfg = dataclasses.replace(saved, init_from=path,
-                                    **{key: getattr(run_model, key) for key in IMPLEMENTATION_FIELDS})
-    return model_cfg, load_state(path, saved) if dist.is_main or zero_stage != 3 else {}
-
-
-def export_final(engine: Engine, model_cfg: ModelConfig, out_dir: Path, tokenizer_dir: Path, dist: DistInfo,
-                 extra: dict) -> None:
-    """Collective. Consolidated weights (gathered from ZeRO-3 shards if needed) + config + tokenizer,
-    written by rank 0. LoRA adapters are merged into their base weights: the export is a plain model
-    (config lora rank 0)."""
-    state = engine.consolidated_state_dict()
-    if dist.is_main:
-        extra = dict(extra)
-        export_cfg = model_cfg
-        if model_cfg.lora.rank:
-            state = merge_lora_state(state, model_cfg)
-            export_cfg = dataclasses.replace(model_cfg, lora=LoRAConfig())
-            extra["merged_lora"] = dataclasses.asdict(model_cfg.lora)
-        save_pretrained(state, export_cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
-    barrier()
-
-
-def resume_path(cfg: Config, ckpt_root: Path) -> Optional[Path]:
-    resume = cfg.trainer.resume
-    if resume == "none":
-        if latest_checkpoint(ckpt_root) is not None:
-            raise FileExistsError(
-                f"{ckpt_root} already holds checkpoints and trainer.resume=none would train over them; "
-                f"use trainer.resume=auto to continue, or another trainer.output_dir")
-        return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_root)
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint directory")
-    return path
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-class MetricWindow:
-    """Sums of the loss and each metric over micro-batches, averaged over all ranks on ``mean()``."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.names: list[str] = []
-        self.sums: Optional[torch.Tensor] = None
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], weight: int = 1) -> None:
-        if self.sums is None:
-            self.names = ["loss", *metrics]
-            self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)
-        values = [loss.detach(), *(metrics[k].detach() for k in self.names[1:])]
-        self.sums[:-1] += torch.stack([v.double().reshape(()) for v in values]) * weight
-        self.sums[-1] += weight
-
-    def mean(self) -> dict[str, float]:
-        """Collective: every rank must call it (with the same metric names)."""
-        totals = all_reduce_sum(self.sums).tolist()
-        self.sums.zero_()
-        return {name: value / totals[-1] for name, value in zip(self.names, totals)}
 
 
 def evaluate(engine: Engine, data: LMData, cfg: Config, dist: DistInfo) -> dict[str, float]:
@@ -154,8 +75,7 @@ def evaluate(engine: Engine, data: LMData, cfg: Config, dist: DistInfo) -> dict[
     evenly over ranks. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
     collectively)."""
     n = min(cfg.trainer.eval_samples or data.val_size, data.val_size)
-    per_rank = max(1, n // dist.world_size)
-    indices = [(dist.rank * per_rank + i) % data.val_size for i in range(per_rank)]
+    indices, per_rank = equal_share(range(n), dist, every_item=False)
     window = MetricWindow(dist.device)
     mb = cfg.trainer.micro_batch_size
     with engine.evaluating():
@@ -187,7 +107,7 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
     if data.before_training is not None:
         data.before_training(engine)
 
-    resume_from = resume_path(cfg, ckpt_root)
+    resume_from = resume_path(tcfg.resume, ckpt_root)
     start_step = 0
     if resume_from is not None:
         start_step = engine.load_checkpoint(resume_from)["step"]

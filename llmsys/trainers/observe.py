@@ -20,6 +20,7 @@ from llmsys.config import Config, LoggerConfig, to_yaml
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 # Peak dense bf16 tensor-core TFLOP/s per device, from the vendors' data sheets (SXM parts).
 # MFU is reported against these (PaLM's convention); CPUs have no entry: set trainer.peak_tflops.
@@ -171,3 +172,18 @@ def _fmt(key: str, value: Any) -> str:
             return f"{key}={value:,.0f}"
         return f"{key}={value:.4f}"
     return f"{key}={value}"
+
+
+class SampleLog:
+    """``samples.jsonl``: a few decoded generations per step with their scores, to read what the policy
+    does (reward hacking shows here first). Rank 0 writes; a run from step 0 starts the file afresh."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool, start_step: int):
+        self.path, self.enabled = output_dir / SAMPLES_FILE, enabled
+        if enabled and start_step == 0:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.enabled and rows:
+            with self.path.open("a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)

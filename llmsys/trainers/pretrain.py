@@ -10,16 +10,13 @@ from pathlib import Path
 
 from llmsys.config import Config
 from llmsys.data import collate_blocks, data_cache_root, load_pretrain_data, prepare_pretrain_data
-from llmsys.distributed import DistInfo, barrier, broadcast_object
+from llmsys.distributed import DistInfo
+from llmsys.trainers.components import prepare_on_local_main
 from llmsys.trainers.lm import LMData, train_lm
 
 
 def run(cfg: Config, dist: DistInfo) -> dict:
-    cache_dir = None
-    if dist.is_local_main:
-        cache_dir = prepare_pretrain_data(cfg.data, data_cache_root(cfg.data))
-    barrier()
-    cache_dir = Path(broadcast_object(cache_dir))
+    cache_dir = Path(prepare_on_local_main(dist, lambda: prepare_pretrain_data(cfg.data, data_cache_root(cfg.data))))
     data = load_pretrain_data(cache_dir, cfg.data.seq_len)
     return train_lm(cfg, dist, LMData(
         train_size=len(data.train), collate_train=lambda idx: collate_blocks([data.train[i] for i in idx]),

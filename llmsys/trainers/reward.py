@@ -10,28 +10,15 @@ The loop is the shared one in :mod:`llmsys.trainers.lm`; the export (``final/``)
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from llmsys.config import Config
-from llmsys.data import data_cache_root
-from llmsys.data.preference import PreferenceData, collate_pairs, load_preference_data, prepare_preference_data
-from llmsys.distributed import DistInfo, Engine, barrier, broadcast_object
+from llmsys.data.preference import collate_pairs
+from llmsys.distributed import DistInfo, Engine
 from llmsys.models.heads import HEAD_KEY, SCALAR_HEAD, ScalarHeadModel, fresh_head_param
 from llmsys.rlhf.losses import pairwise_reward_loss
+from llmsys.trainers.components import preference_pairs
 from llmsys.trainers.lm import Batch, LMData, train_lm
-from llmsys.trainers.sft import model_tokenizer
-
-
-def load_pairs(cfg: Config, dist: DistInfo) -> tuple[Path, PreferenceData]:
-    """Tokenize the preference data once per node (rank 0 of each node; the others wait), then open it."""
-    cache_dir = None
-    if dist.is_local_main:
-        cache_dir = prepare_preference_data(cfg.data, data_cache_root(cfg.data), tokenizer=model_tokenizer(cfg))
-    barrier()
-    cache_dir = Path(broadcast_object(cache_dir))
-    return cache_dir, load_preference_data(cache_dir)
 
 
 def reward_loss(engine: Engine, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -44,7 +31,7 @@ def reward_loss(engine: Engine, batch: Batch) -> tuple[torch.Tensor, dict[str, t
 
 
 def run(cfg: Config, dist: DistInfo) -> dict:
-    cache_dir, data = load_pairs(cfg, dist)
+    cache_dir, data = preference_pairs(cfg, dist)
     pad = data.tokenizer.pad_id
     return train_lm(cfg, dist, LMData(
         train_size=len(data.train), collate_train=lambda idx: collate_pairs([data.train.pair(i) for i in idx], pad),

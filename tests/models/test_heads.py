@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from llmsys.config import ModelConfig
+from llmsys.config import LoRAConfig, ModelConfig
 from llmsys.models import Transformer
 from llmsys.models.heads import ScalarHeadModel, fresh_head_param
-from llmsys.trainers.ppo import build_rollout, critic_values, policy_logprobs
+from llmsys.models.transformer import Decoder
+from llmsys.rlhf.rollout import build_rollout, critic_values, policy_logprobs
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 
@@ -85,3 +86,30 @@ def test_rollout_layout_puts_each_response_token_after_its_prompt():
     critic = ScalarHeadModel(CFG)
     values = critic_values(critic, rollout)
     assert torch.allclose(values[1], critic(rollout.input_ids)[1, :4]) and (values[0, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("tied,rank", [(False, 0), (True, 0), (False, 2)])
+def test_scalar_model_is_the_trunk_plus_a_score_head_and_no_lm_head(tied, rank):
+    cfg = dataclasses.replace(CFG, tie_embeddings=tied, lora=LoRAConfig(rank=rank))
+    torch.manual_seed(0)
+    lm = Transformer(cfg)
+    torch.manual_seed(0)
+    model = ScalarHeadModel(cfg)
+    assert isinstance(model, Decoder) and not isinstance(model, Transformer) and not hasattr(model, "output")
+    trunk = [name for name in lm.state_dict() if not name.startswith("output.")]
+    assert list(model.state_dict()) == trunk + ["score.weight", "score.bias"]
+    # The trunk draws its init first in both models, so it starts the same as the LM's.
+    for name in trunk:
+        assert torch.equal(model.state_dict()[name], lm.state_dict()[name]), name
+    # Under LoRA the trunk trains through its adapters only; the fresh head trains in full.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name for name, p in lm.named_parameters() if p.requires_grad and not name.startswith("output.")}
+    assert trainable == expected | {"score.weight", "score.bias"}
+
+
+def test_fresh_score_head_does_not_depend_on_the_trunk():
+    torch.manual_seed(5)
+    small = ScalarHeadModel(dataclasses.replace(CFG, n_layers=1))
+    torch.manual_seed(5)
+    large = ScalarHeadModel(dataclasses.replace(CFG, n_layers=3, vocab_size=211))
+    assert torch.equal(small.score.weight, large.score.weight) and not small.score.bias.any()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from llmsys.eval import RuleAnnotator, content_words, words
+from llmsys.rlhf.rewards import RuleAnnotator, content_words, words
 
 PROMPT = "How do I reset my password?"  # content words: {reset, password}
 

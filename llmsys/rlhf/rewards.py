@@ -1,10 +1,10 @@
-"""A rule-based annotator: the documented stand-in for human rankers.
+"""Rule-based rewards: text rules that score an answer, with no model (verifiable rewards belong here too).
 
-No human preference set ships in any package registry, so the embedded alignment default
-(``data=prefs``) is ranked by this annotator, and the same rules measure how DPO and PPO changed the
-policy's behaviour (the mean score of the answers it generates). A human-ranking tool will later
-write the same ``{"prompt", "responses", "ranking"}`` rows; nothing downstream knows which produced
-them.
+:class:`RuleAnnotator` is the documented stand-in for human rankers. No human preference set ships
+in any package registry, so the embedded alignment default (``data=prefs``) is ranked by this
+annotator, and the same rules measure how DPO and PPO changed the policy's behaviour (the mean score
+of the answers it generates). A human-ranking tool will later write the same ``{"prompt",
+"responses", "ranking"}`` rows; nothing downstream knows which produced them.
 
 The score of a response is a sum of simple, explainable terms (the weights are the class
 attributes below; :meth:`RuleAnnotator.breakdown` returns each term):

