@@ -23,8 +23,9 @@ from typing import Callable, Optional, Sequence, TypeVar
 import torch
 
 from llmsys.config import Config, DataConfig, LoRAConfig, ModelConfig
-from llmsys.data import DataError, Tokenizer, data_cache_root, load_tokenizer
+from llmsys.data import DataError, Tokenizer, chat_template_for, data_cache_root, load_tokenizer
 from llmsys.data.preference import PreferenceData, load_preference_data, prepare_preference_data
+from llmsys.data.prompts import PromptSet, load_prompts
 from llmsys.distributed import (
     DistInfo,
     Engine,
@@ -37,6 +38,7 @@ from llmsys.distributed import (
 from llmsys.models import Transformer, init_config, load_state, resolve_vocab_size
 from llmsys.models.heads import ScalarHeadModel, fresh_head_param, is_scalar_export
 from llmsys.models.lora import is_lora_param, merge_lora_state
+from llmsys.rlhf.rollout import Sampling
 from llmsys.models.pretrained import save_pretrained
 
 T = TypeVar("T")
@@ -83,43 +85,42 @@ def export_final(engine: Engine, model_cfg: ModelConfig, out_dir: Path, tokenize
 @dataclass
 class OnlineModels:
     """The models of online RL: the trained policy (``actor``) and optional ``critic`` (DeepSpeed engines),
-    the frozen ``reference`` and ``reward_model``."""
+    the frozen ``reference`` and optional ``reward_model``."""
 
     actor: Engine
     actor_cfg: ModelConfig
     reference: FrozenModel
-    reward_model: FrozenModel
+    reward_model: Optional[FrozenModel]
     critic: Optional[Engine]
 
 
-def online_rl_models(cfg: Config, dist: DistInfo, tokenizer_vocab: int, total_updates: int, *, reward_model: str,
-                     critic_from: Optional[str], critic_lr: float, offload_frozen: bool,
+def online_rl_models(cfg: Config, dist: DistInfo, tokenizer_vocab: int, total_updates: int, *,
+                     reward_model: Optional[str], critic_from: Optional[str], critic_lr: float, offload_frozen: bool,
                      max_new_tokens: int) -> OnlineModels:
-    """Collective. The actor and the reference from ``model.init_from`` (the SFT export), the reward model
-    from ``reward_model`` (a reward export), and, unless ``critic_from`` is None, a scalar-head critic from
-    it (a reward export, or an LM export whose head then starts fresh). LoRA (``model.lora.*``) applies to
-    the actor only: the critic trains in full, the others are frozen. Frozen models are replicated under
+    """Collective. The actor and the reference from ``model.init_from`` (the SFT export); unless None, the
+    reward model from ``reward_model`` (a reward export) and a scalar-head critic from ``critic_from`` (a
+    reward export, or an LM export whose head then starts fresh). LoRA (``model.lora.*``) applies to the
+    actor only: the critic trains in full, the others are frozen. Frozen models are replicated under
     ZeRO 0-2 and partitioned under ZeRO-3 (``offload_frozen``: in CPU memory)."""
-    if not is_scalar_export(reward_model):
-        raise ValueError(f"ppo.reward_model={reward_model}: not a reward model export (its config.json "
+    key = f"{cfg.stage.name}.reward_model"
+    if reward_model is not None and not is_scalar_export(reward_model):
+        raise ValueError(f"{key}={reward_model}: not a reward model export (its config.json "
                          f"lacks \"head\": \"scalar\"); give the final/ directory of a stage=reward run")
     zero_stage, tcfg = cfg.deepspeed.stage, cfg.trainer
     actor_cfg, sft_state = initial_weights(cfg.model, cfg.model.init_from, dist, zero_stage)
     actor_cfg = dataclasses.replace(actor_cfg, vocab_size=resolve_vocab_size(actor_cfg, tokenizer_vocab))
     if cfg.data.seq_len > actor_cfg.max_seq_len or max_new_tokens >= cfg.data.seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} (prompt + response) must exceed ppo.max_new_tokens="
-                         f"{max_new_tokens} and fit the model's max_seq_len={actor_cfg.max_seq_len}")
-    reward_cfg, reward_state = initial_weights(cfg.model, reward_model, dist, zero_stage)
-    critic_cfg, critic_state = reward_cfg, reward_state  # the usual case: read the reward export once
-    if critic_from is not None and critic_from != reward_model:
-        critic_cfg, critic_state = initial_weights(cfg.model, critic_from, dist, zero_stage)
-    for name, other in (("ppo.reward_model", reward_cfg), ("ppo.critic_from", critic_cfg)):
-        if other.vocab_size != actor_cfg.vocab_size:
-            raise ValueError(f"{name} has a vocabulary of {other.vocab_size}, the actor {actor_cfg.vocab_size}; "
-                             f"all PPO models must share the SFT model's tokenizer")
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} (prompt + response) must exceed "
+                         f"{cfg.stage.name}.max_new_tokens={max_new_tokens} and fit the model's "
+                         f"max_seq_len={actor_cfg.max_seq_len}")
+    scalar = {}  # the scalar-head exports, each read once (the critic usually starts from the reward model)
+    for name, path in ((key, reward_model), (f"{cfg.stage.name}.critic_from", critic_from)):
+        if path is not None and path not in scalar:
+            scalar[path] = initial_weights(cfg.model, path, dist, zero_stage)
+        if path is not None and scalar[path][0].vocab_size != actor_cfg.vocab_size:
+            raise ValueError(f"{name} has a vocabulary of {scalar[path][0].vocab_size}, the actor "
+                             f"{actor_cfg.vocab_size}; all models must share the SFT model's tokenizer")
     no_lora = LoRAConfig()
-    reward_cfg = dataclasses.replace(reward_cfg, lora=no_lora, activation_checkpointing=False)
-    critic_cfg = dataclasses.replace(critic_cfg, lora=no_lora)
     ref_cfg = dataclasses.replace(actor_cfg, lora=no_lora, activation_checkpointing=False)
 
     torch.manual_seed(tcfg.seed)
@@ -127,15 +128,18 @@ def online_rl_models(cfg: Config, dist: DistInfo, tokenizer_vocab: int, total_up
                    max_steps=total_updates, init_state=sft_state, fresh_param=is_lora_param)
     critic = None
     if critic_from is not None:
+        critic_cfg = dataclasses.replace(scalar[critic_from][0], lora=no_lora)
         critic = Engine(lambda: ScalarHeadModel(critic_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
                         optim=dataclasses.replace(cfg.optim, lr=critic_lr or cfg.optim.lr), max_steps=total_updates,
-                        init_state=critic_state, fresh_param=fresh_head_param)
-    del critic_state
+                        init_state=scalar[critic_from][1], fresh_param=fresh_head_param)
     reference = FrozenModel(lambda: Transformer(ref_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
                             init_state=sft_state, offload=offload_frozen)
     del sft_state
-    frozen_reward = FrozenModel(lambda: ScalarHeadModel(reward_cfg), ds=cfg.deepspeed, trainer=tcfg, dist=dist,
-                                init_state=reward_state, offload=offload_frozen)
+    frozen_reward = None
+    if reward_model is not None:
+        reward_cfg = dataclasses.replace(scalar[reward_model][0], lora=no_lora, activation_checkpointing=False)
+        frozen_reward = FrozenModel(lambda: ScalarHeadModel(reward_cfg), ds=cfg.deepspeed, trainer=tcfg,
+                                    dist=dist, init_state=scalar[reward_model][1], offload=offload_frozen)
     return OnlineModels(actor, actor_cfg, reference, frozen_reward, critic)
 
 
@@ -148,6 +152,23 @@ def prepare_on_local_main(dist: DistInfo, prepare: Callable[[], T]) -> T:
     result = prepare() if dist.is_local_main else None
     barrier()
     return broadcast_object(result)
+
+
+def online_prompts(cfg: Config, dist: DistInfo, *, max_new_tokens: int, temperature: float,
+                   top_p: float) -> tuple[Tokenizer, Sampling, PromptSet]:
+    """Collective. What an online stage generates from: the model's tokenizer (saved into the run directory
+    for the export), how to sample (stopping at the chat template's end-of-turn token), and the prompt set
+    of ``cfg.data`` (each prompt keeps its last ``data.seq_len - max_new_tokens`` tokens), read once per node."""
+    tokenizer = model_tokenizer(cfg)
+    sampling = Sampling(max_new_tokens, temperature, top_p, filler=tokenizer.pad_id,
+                        end_of_turn=chat_template_for(tokenizer, cfg.data.chat_template).end_of_turn_id)
+    prompts = prepare_on_local_main(dist, lambda: load_prompts(cfg.data, tokenizer,
+                                                               max_len=cfg.data.seq_len - max_new_tokens))
+    if not prompts.train:
+        raise ValueError(f"data: no prompts found in {cfg.data.path or cfg.data.dataset}")
+    if dist.is_main:
+        tokenizer.save(Path(cfg.trainer.output_dir) / "tokenizer")
+    return tokenizer, sampling, prompts
 
 
 def preference_pairs(cfg: Config, dist: DistInfo) -> tuple[Path, PreferenceData]:

@@ -35,15 +35,13 @@ from pathlib import Path
 import torch
 
 from llmsys.config import Config, PPOConfig
-from llmsys.data import BlockSampler, chat_template_for
-from llmsys.data.prompts import load_prompts
+from llmsys.data import BlockSampler
 from llmsys.distributed import DistInfo, all_reduce_sum
 from llmsys.rlhf.kl import AdaptiveKLController, FixedKLController
 from llmsys.rlhf.losses import masked_mean, ppo_policy_loss, ppo_value_loss
 from llmsys.rlhf.rewards import RuleAnnotator
 from llmsys.rlhf.rollout import (
     Rollout,
-    Sampling,
     ScoreShaping,
     critic_values,
     generate_rollout,
@@ -57,9 +55,8 @@ from llmsys.trainers.components import (
     OnlineModels,
     every_rank_finished,
     export_final,
-    model_tokenizer,
+    online_prompts,
     online_rl_models,
-    prepare_on_local_main,
     reduce_sums,
     resume_path,
 )
@@ -75,15 +72,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     if pcfg.rollout_batch_size % (mb * world):
         raise ValueError(f"ppo.rollout_batch_size={pcfg.rollout_batch_size} must be a multiple of "
                          f"trainer.micro_batch_size * world_size = {mb * world}")
-    tokenizer = model_tokenizer(cfg)
-    sampling = Sampling(pcfg.max_new_tokens, pcfg.temperature, pcfg.top_p, filler=tokenizer.pad_id,
-                        end_of_turn=chat_template_for(tokenizer, cfg.data.chat_template).end_of_turn_id)
-    prompts = prepare_on_local_main(dist, lambda: load_prompts(cfg.data, tokenizer,
-                                                               max_len=cfg.data.seq_len - pcfg.max_new_tokens))
-    if not prompts.train:
-        raise ValueError(f"data: no prompts found in {cfg.data.path or cfg.data.dataset}")
-    if dist.is_main:
-        tokenizer.save(out / "tokenizer")
+    tokenizer, sampling, prompts = online_prompts(cfg, dist, max_new_tokens=pcfg.max_new_tokens,
+                                                  temperature=pcfg.temperature, top_p=pcfg.top_p)
 
     updates_per_iter = pcfg.ppo_epochs * (pcfg.rollout_batch_size // tcfg.global_batch_size)
     models = online_rl_models(cfg, dist, tokenizer.vocab_size, tcfg.max_steps * updates_per_iter,
