@@ -7,8 +7,8 @@ else from llmsys (and not hydra): the kernels use it on machines that have only 
 
 **Embedded corpora** (``${llmsys.corpus:NAME}`` in a config) need no download. A packaged one is a
 data folder of an installed package, found with ``importlib.util.find_spec`` and never imported (only
-its files are needed, not its dependencies). A generated one (``prefs``, built from ``chatterbot``)
-has a fixed location here; :func:`corpus_path` only names it, and the data layer writes it the first
+its files are needed, not its dependencies). A generated one (``prefs``, built from ``chatterbot``;
+``arith``, built from nothing but a seed) has a fixed location here; :func:`corpus_path` only names it, and the data layer writes it the first
 time it reads it (:func:`llmsys.data.embedded.prepare_generated_corpus`), so converting a config on
 every rank never writes a file.
 """
@@ -24,9 +24,10 @@ EMBEDDED_CORPORA: dict[str, tuple[str, str]] = {
     "chatterbot": ("chatterbot_corpus", "data/english"),
 }
 
-# Corpora generated once from an embedded one (name -> its source): ``prefs`` is a rule-ranked
-# preference file built from ``chatterbot`` (llmsys.data.embedded_prefs).
-GENERATED_CORPORA: dict[str, str] = {"prefs": "chatterbot"}
+# Corpora generated once (name -> the packaged corpus it is built from, None when it needs none): ``prefs``
+# is a rule-ranked preference file built from ``chatterbot`` (llmsys.data.embedded_prefs); ``arith`` the
+# verifiable arithmetic task, generated from a fixed seed (llmsys.data.embedded_arith).
+GENERATED_CORPORA: dict[str, str | None] = {"prefs": "chatterbot", "arith": None}
 
 
 class CorpusError(ValueError):
@@ -89,6 +90,8 @@ def generated_corpus_path(name: str) -> Path:
 def corpus_path(name: str) -> Path:
     """What ``${llmsys.corpus:NAME}`` resolves to: a packaged corpus's folder or a generated corpus's location."""
     if name in GENERATED_CORPORA:
-        packaged_corpus_dir(GENERATED_CORPORA[name])  # a missing source fails now, not at the first read
+        source = GENERATED_CORPORA[name]
+        if source is not None:
+            packaged_corpus_dir(source)  # a missing source fails now, not at the first read
         return generated_corpus_path(name)
     return packaged_corpus_dir(name)

@@ -93,12 +93,19 @@ class ProbeContext:
         self.n_prompts = n_prompts
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self._prompts: dict[str, Any] = {}
+        self._prompts: dict[Any, Any] = {}
+        self.probing = ""  # the stage whose export is being probed
 
     def chat_data(self):
         """The SFT stage's data config (``data=chat`` plus the pipeline's and the user's overrides)."""
         return compose_config(["stage=sft", *self.stages["sft"].overrides,
                                *for_stage("sft", self.extra_overrides)]).data
+
+    def stage_data(self, name: str):
+        """The data config stage ``name`` trains on (its recipe overrides plus the user's)."""
+        stage = self.stages[name]
+        inputs = [f"{key}=unused" for key in stage.inputs]  # only the data part is read
+        return compose_config([f"stage={name}", *stage.overrides, *inputs, *for_stage(name, self.extra_overrides)]).data
 
     def held_out_prompts(self, tokenizer):
         from llmsys.eval.probes import held_out_prompts
@@ -107,6 +114,27 @@ class ProbeContext:
         if key not in self._prompts:
             self._prompts[key] = held_out_prompts(self.chat_data(), tokenizer, self.n_prompts)
         return self._prompts[key]
+
+
+def probe_exact_answer(export: Path, ctx: ProbeContext) -> dict:
+    """Greedy answers to the held-out problems of the probed stage's verifiable task (rows with an ``answer``,
+    e.g. ``data=arith``): the exact-answer accuracy."""
+    from llmsys.data.prompts import load_prompts
+    from llmsys.eval.probes import exact_answer_probe, load_export
+
+    model, tokenizer = load_export(export, ctx.device)
+    data = ctx.stage_data(ctx.probing)
+    key = (tokenizer.fingerprint, data.path)
+    if key not in ctx._prompts:
+        prompts = load_prompts(data, tokenizer)
+        n = min(ctx.n_prompts * 4, len(prompts.val))  # short answers: a larger sample costs little
+        if not prompts.val or "answer" not in prompts.val_meta[0]:
+            raise SystemExit(f"llmsys.pipeline: the exact_answer probe of stage {ctx.probing} needs held-out rows "
+                             f"with an answer (data={data.name} has none)")
+        ctx._prompts[key] = (prompts.val[:n], prompts.val_meta[:n], prompts.val_texts[:n])
+    ids, meta, texts = ctx._prompts[key]
+    return exact_answer_probe(model, tokenizer, ids, meta, texts, max_new_tokens=ctx.max_new_tokens,
+                              chat_template=data.chat_template, samples=3)
 
 
 def probe_format_stop(export: Path, ctx: ProbeContext) -> dict:
@@ -120,6 +148,7 @@ def probe_format_stop(export: Path, ctx: ProbeContext) -> dict:
 
 PROBES: dict[str, Callable[[Path, ProbeContext], dict]] = {
     "format_stop": probe_format_stop,
+    "exact_answer": probe_exact_answer,
 }
 
 
@@ -212,7 +241,7 @@ def stage_metrics(run_dir: Path) -> dict:
     result: dict = {"steps": meta.get("step")}
     # Every stage's losses; the reward model's and DPO's validation accuracy; PPO's reward and KL curves.
     for key in ("loss", "val_loss", "val_accuracy", "val_reward_accuracy", "val_reward_margin", "reward_mean",
-                "kl", "annotator_score"):
+                "kl", "annotator_score", "logprob_diff_mean"):
         first, last = first_last(key)
         name = "train_loss" if key == "loss" else key
         if last is not None:
@@ -250,17 +279,19 @@ def write_report(out: Path, report: dict) -> None:
         "# Stage report", "",
         f"`{report['command']}`", "",
         ("| stage | steps | seconds | train loss (first → last) | val loss (first → last) | stage signal | "
-         "stops at <\\|im_end\\|> | well-formed | both | mean answer tokens | annotator score |"),
-        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
+         "stops at <\\|im_end\\|> | well-formed | both | mean answer tokens | annotator score | "
+         "held-out exact answers |"),
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, entry in report["stages"].items():
         m, fs = entry["metrics"], entry["probes"].get("format_stop", {})
+        ea = entry["probes"].get("exact_answer", {})
         lines.append(
             f"| {name} | {_fmt(m['steps'])} | {_fmt(entry['seconds'], 0)} | "
             f"{_fmt(m['train_loss_first'])} → {_fmt(m['train_loss'])} | {_fmt(m['val_loss_first'])} → "
             f"{_fmt(m['val_loss'])} | {_stage_effect(m)} | {_fmt(fs.get('stopped'), 2)} | "
             f"{_fmt(fs.get('well_formed'), 2)} | {_fmt(fs.get('both'), 2)} | {_fmt(fs.get('mean_length'), 1)} | "
-            f"{_fmt(fs.get('annotator_score'), 2)} |")
+            f"{_fmt(fs.get('annotator_score'), 2)} | {_fmt(ea.get('accuracy'), 3)} |")
     probed = [(name, e["probes"]["format_stop"]) for name, e in report["stages"].items()
               if "format_stop" in e["probes"]]
     samples = [(name, s) for name, fs in probed for s in fs.get("samples", [])]
@@ -268,6 +299,13 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", (f"Format/stop: greedy answers (at most {report['max_new_tokens']} tokens) to the same "
                        f"{probed[0][1]['n']} held-out prompts of the SFT validation split. Examples:"), ""]
         lines += [f"- **{name}** — {s['prompt']!r} → {s['answer']!r}" for name, s in samples]
+    checked = [(name, e["probes"]["exact_answer"]) for name, e in report["stages"].items()
+               if "exact_answer" in e["probes"]]
+    if checked:
+        lines += ["", (f"Exact answers: greedy answers to the same {checked[0][1]['n']} held-out problems of the "
+                       f"verifiable task (no stage trained on them). Examples:"), ""]
+        lines += [f"- **{name}** — {s['prompt']!r} → {s['answer']!r} (expected {s['expected']})"
+                  for name, ea in checked for s in ea.get("samples", [])]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -347,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         probes = {}
         for probe in stage.probes:
             started = time.perf_counter()
+            ctx.probing = name
             probes[probe] = PROBES[probe](final(out, name), ctx)
             log.info("%s: probe %s (%.0f s): %s", name, probe, time.perf_counter() - started,
                      {k: v for k, v in probes[probe].items() if k != "samples"})

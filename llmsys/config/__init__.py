@@ -17,11 +17,13 @@ from llmsys.config.schema import (  # noqa: F401  (re-exported)
     DataConfig,
     DeepSpeedConfig,
     DPOConfig,
+    GRPOConfig,
     LoggerConfig,
     LoRAConfig,
     ModelConfig,
     OptimConfig,
     PPOConfig,
+    RewardSourceConfig,
     StageConfig,
     TrainerConfig,
 )

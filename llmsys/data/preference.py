@@ -27,7 +27,9 @@ dropped) go to the manifest.
 
 **Split and cache.** Pairs are grouped by prompt, and prompts (in order of first appearance) are split
 train/val by a fixed seeded permutation, so no prompt is in both splits and a preference file and
-the PPO prompt set read from it (:func:`llmsys.data.prompts.load_prompts`) split alike. Tokenized
+the PPO prompt set read from it (:func:`llmsys.data.prompts.load_prompts`) split alike. Rows that
+declare their split (``"split": "train"|"val"``, :mod:`llmsys.data.conversations`) put their prompt in
+it instead (all rows of one prompt must agree: :class:`PromptSplits`). Tokenized
 once into ``<cache>/preference/<key>/`` (a chat-token cache, :mod:`llmsys.data.token_cache`): per
 split ``{split}_tokens.bin`` + ``{split}_offsets.npy`` (every distinct token sequence once),
 ``{split}_pairs.npy`` (int64 ``(N, 3)``: sequence indices of prompt, chosen, rejected),
@@ -50,7 +52,14 @@ import numpy as np
 import torch
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.conversations import Messages, check_message, iter_source_rows, message_fields
+from llmsys.data.conversations import (
+    DeclaredSplits,
+    Messages,
+    check_declared_split,
+    check_message,
+    iter_source_rows,
+    message_fields,
+)
 from llmsys.data.pretrain import token_dtype
 from llmsys.data.sources import DataError, json_type
 from llmsys.data.token_cache import (
@@ -69,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 PREFERENCE_EXTENSIONS = (".jsonl", ".parquet")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a row's own "split" field decides its split (older caches split by hash only)
 _VAL_SPLIT_SEED = 0x9F3  # fixed: the split must not move when the training seed changes
 
 EXPECTED_ROW = ("{'prompt', 'chosen', 'rejected'} or {'prompt', 'responses', 'ranking'}")
@@ -195,6 +204,31 @@ def val_prompts(num_prompts: int, val_fraction: float, source: str) -> set[int]:
     return set(order[:num_val].tolist())
 
 
+class PromptSplits:
+    """The split of each distinct prompt, in order of first appearance: the one its rows declare (all of
+    them alike), else :func:`val_prompts`' seeded choice."""
+
+    def __init__(self) -> None:
+        self._rows = DeclaredSplits()
+        self._split: dict[str, tuple[str | None, str]] = {}  # prompt key -> (declared split, first row)
+
+    def add(self, key: str, row: Any, where: str) -> None:
+        """Record the row ``where`` of the prompt ``key``; a :class:`DataError` if it declares another split."""
+        split = self._rows.read(row, where)
+        first = self._split.setdefault(key, (split, where))
+        if first[0] != split:
+            raise DataError(f"{where}: split {split!r}, but the same prompt has split {first[0]!r} at {first[1]}; "
+                            f"a prompt belongs to one split")
+
+    def val(self, val_fraction: float, source: str) -> set[int]:
+        """Indices (in order of first appearance) of the prompts held out for validation."""
+        if not self._rows.declared:
+            return val_prompts(len(self._split), val_fraction, source)
+        val = {index for index, (split, _) in enumerate(self._split.values()) if split == "val"}
+        check_declared_split(len(val), len(self._split), source, "distinct prompts")
+        return val
+
+
 # -- tokenizing ------------------------------------------------------------------------------------
 
 
@@ -260,14 +294,18 @@ class _SequenceStore:
 def _build(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, template: Any, key: str,
            fingerprint: str) -> dict[str, Any]:
     groups: dict[str, tuple[Messages, list[PreferencePair]]] = {}
+    splits = PromptSplits()
     counts = {"rows": 0, "prompts": 0, "pairs": 0, "kept": 0, "truncated": 0, "dropped": 0}
-    for _, pairs in iter_preference_rows(cfg):
+    for where, row in iter_source_rows(cfg, PREFERENCE_EXTENSIONS, EXPECTED_ROW):
+        pairs = row_to_pairs(row, where)
         counts["rows"] += 1
         counts["pairs"] += len(pairs)
-        groups.setdefault(prompt_key(pairs[0].prompt_messages), (pairs[0].prompt_messages, []))[1].extend(pairs)
+        identity = prompt_key(pairs[0].prompt_messages)
+        groups.setdefault(identity, (pairs[0].prompt_messages, []))[1].extend(pairs)
+        splits.add(identity, row, where)
     counts["prompts"] = len(groups)
     source = str(cfg.path or cfg.dataset)
-    val = val_prompts(len(groups), cfg.val_fraction, source)
+    val = splits.val(cfg.val_fraction, source)
     dtype = token_dtype(tokenizer.vocab_size)
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": key, "dtype": dtype.name}
     for split in SPLITS:

@@ -10,7 +10,8 @@ the end-of-turn token closing each assistant turn (so the model learns to stop).
 :mod:`llmsys.data.token_cache`): per split ``{split}_tokens.bin`` (uint16 or uint32),
 ``{split}_targets.bin`` (uint8, 1 where the token is a training target) and ``{split}_offsets.npy``
 (int64, ``num_examples + 1``), plus ``tokenizer/`` and ``manifest.json`` written last. Examples are
-split train/val by a seeded permutation (``val_fraction`` of them).
+split train/val by a seeded permutation (``val_fraction`` of them), unless the rows declare their split
+(``"split": "train"|"val"``, :mod:`llmsys.data.conversations`): then each goes to its declared split.
 
 **Packing.** An example of ``L`` tokens occupies ``L`` positions; ``labels[t] = tokens[t + 1]`` where
 that token is a target, else -100, and the last position of every example is -100, so no label
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from llmsys.config.schema import DataConfig
-from llmsys.data.conversations import SFT_EXTENSIONS, iter_conversations
+from llmsys.data.conversations import SFT_EXTENSIONS, check_declared_split, iter_split_conversations
 from llmsys.data.pretrain import token_dtype
 from llmsys.data.sources import DataError
 from llmsys.data.token_cache import (
@@ -47,7 +48,7 @@ from llmsys.data.tokenizer import Tokenizer, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a row's own "split" field decides its split (older caches split by hash only)
 _VAL_SPLIT_SEED = 0x5F7  # fixed: the split must not move when the training seed changes
 
 
@@ -61,8 +62,9 @@ def _read_manifest(cache_dir: Path) -> Optional[dict[str, Any]]:
 def _build(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, template: Any, key: str,
            fingerprint: str) -> dict[str, Any]:
     examples: list[tuple[list[int], list[int]]] = []
+    declared: list[str | None] = []  # the split each kept example's row declares, None when rows declare none
     counts = {"conversations": 0, "kept": 0, "truncated": 0, "dropped": 0}
-    for where, messages in iter_conversations(cfg):
+    for where, messages, split in iter_split_conversations(cfg):
         counts["conversations"] += 1
         ids, targets = template.encode(messages)
         if len(ids) > cfg.seq_len:
@@ -76,14 +78,19 @@ def _build(directory: Path, cfg: DataConfig, tokenizer: Tokenizer, template: Any
                 continue
             counts["truncated"] += 1
         examples.append((ids, targets))
+        declared.append(split)
     counts["kept"] = len(examples)
     if len(examples) < 2:
         raise DataError(f"{cfg.path or cfg.dataset}: {len(examples)} usable conversations after the "
                         f"data.sft_overflow={cfg.sft_overflow} policy (of {counts['conversations']}); "
                         f"expected at least 2 (one for validation)")
-    num_val = max(1, int(round(len(examples) * cfg.val_fraction)))
-    order = np.random.default_rng(_VAL_SPLIT_SEED).permutation(len(examples))
-    val_set = set(order[:num_val].tolist())
+    if declared[0] is not None:
+        val_set = {i for i, split in enumerate(declared) if split == "val"}
+        check_declared_split(len(val_set), len(examples), str(cfg.path or cfg.dataset), "usable conversations")
+    else:
+        num_val = max(1, int(round(len(examples) * cfg.val_fraction)))
+        order = np.random.default_rng(_VAL_SPLIT_SEED).permutation(len(examples))
+        val_set = set(order[:num_val].tolist())
     dtype = token_dtype(tokenizer.vocab_size)
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": key, "dtype": dtype.name}
     for split in SPLITS:

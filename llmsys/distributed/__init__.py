@@ -2,6 +2,7 @@
 from llmsys.distributed.engine import Engine, FrozenModel, deepspeed_config, latest_checkpoint, lr_multiplier, param_groups
 from llmsys.distributed.env import (
     DistInfo,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -11,7 +12,7 @@ from llmsys.distributed.env import (
 )
 
 __all__ = [
-    "DistInfo", "Engine", "FrozenModel", "all_reduce_sum", "barrier", "broadcast_object",
+    "DistInfo", "Engine", "FrozenModel", "all_reduce_max", "all_reduce_sum", "barrier", "broadcast_object",
     "deepspeed_config", "init_distributed", "latest_checkpoint", "lr_multiplier", "param_groups",
     "setup_environment", "shutdown",
 ]

@@ -126,6 +126,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks of a small tensor (worst-case diagnostics)."""
+    values = values.detach().clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values
+
+
 def _shm_buffer_paths(rank: int) -> list[Path]:
     # DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates
     # /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (~69 MB) and never unlinks it.

@@ -11,6 +11,9 @@ past the end of the turn; SFT teaches it to answer and stop. The rates come from
 :class:`llmsys.rlhf.RuleAnnotator` (``annotator_score``), the preference that the alignment stages
 (DPO, PPO) should raise.
 
+The exact-answer probe asks a verifiable task's held-out problems (``data=arith``: neither SFT nor an
+online stage trains on them) and counts the greedy answers whose final number is the row's answer.
+
 Prompts are chosen so no model has seen them in training: a validation conversation counts only when
 its prompt also differs from the prompt of every training conversation (the chatterbot corpus repeats
 some questions across files).
@@ -38,7 +41,7 @@ from llmsys.data import (
 )
 from llmsys.models import Transformer, load_state, read_config
 from llmsys.models.generation import generate
-from llmsys.rlhf.rewards import RuleAnnotator
+from llmsys.rlhf.rewards import RuleAnnotator, exact_answer
 
 Messages = list[dict[str, str]]
 
@@ -161,3 +164,29 @@ def format_and_stop_rate(generations: Sequence[Sequence[int]], tokenizer: Tokeni
         well_formed += clean
         both += ends and clean
     return {"n": n, "stopped": stopped / n, "well_formed": well_formed / n, "both": both / n}
+
+
+def exact_answer_probe(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                       metadata: Sequence[dict], texts: Sequence[str], *, max_new_tokens: int = 16,
+                       batch_size: int = 64, chat_template: str = "auto", samples: int = 0) -> dict:
+    """Greedy answers to held-out prompts of a verifiable task (``prompts`` are generation prompts as token
+    ids, ``metadata`` their rows' fields with the ``answer``): the exact-answer rate (``accuracy``, the
+    :func:`llmsys.rlhf.rewards.exact_answer` check), how often the answer stopped at the end of turn, and
+    the mean answer length; with ``samples`` > 0 the first question/answer pairs as text."""
+    end_of_turn = chat_template_for(tokenizer, chat_template).end_of_turn_id
+    answers, finished = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = [list(p) for p in prompts[start:start + batch_size]]
+        out = generate(model, batch, max_new_tokens, temperature=0.0, eos_id=end_of_turn, pad_id=tokenizer.pad_id)
+        for row in range(len(batch)):
+            n, done = int(out.lengths[row]), bool(out.finished[row])
+            answers.append(tokenizer.decode(out.tokens[row, :n - int(done)].tolist()))
+            finished.append(done)
+    correct = exact_answer(list(texts), answers, [dict(m) for m in metadata])
+    result: dict = {"n": len(answers), "accuracy": sum(correct) / len(answers),
+                    "stopped": sum(finished) / len(answers),
+                    "mean_answer_chars": sum(len(a) for a in answers) / len(answers)}
+    if samples:
+        result["samples"] = [{"prompt": texts[i], "answer": answers[i], "expected": str(metadata[i]["answer"])}
+                             for i in range(min(samples, len(answers)))]
+    return result

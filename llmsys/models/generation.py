@@ -24,6 +24,9 @@ class Generation:
     tokens: torch.Tensor  # (B, max_new_tokens) generated ids, pad_id after a sequence finished
     lengths: torch.Tensor  # (B,) generated tokens per sequence (EOS included)
     finished: torch.Tensor  # (B,) bool: the sequence ended with EOS (else it hit max_new_tokens)
+    # (B, max_new_tokens) with ``logprobs_temperature``: log p(token) under log_softmax(logits / temperature)
+    # of the very logits the token was drawn from (the decode path's numbers; 0 after a sequence finished)
+    logprobs: Optional[torch.Tensor] = None
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -67,13 +70,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              temperature: float = 1.0, top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
              generator: Optional[torch.Generator] = None, use_cache: bool = True,
              use_decode_kernel: Optional[bool] = None,
-             all_finished: Optional[Callable[[torch.Tensor], bool]] = None) -> Generation:
+             all_finished: Optional[Callable[[torch.Tensor], bool]] = None,
+             logprobs_temperature: Optional[float] = None) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt. ``use_decode_kernel`` runs single-token steps in
     llmsys's split-KV decode-attention kernel; None follows the model's ``decode_attention`` config.
 
     ``all_finished(finished)`` decides when to stop early (default: every sequence of this batch has
     ended). Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the
     same number of steps: pass a function that agrees across ranks (stop when every rank is done).
+
+    ``logprobs_temperature`` also records each drawn token's log-probability at that temperature, from
+    the logits it was sampled from: online RL compares them with the training forward's log-probs of the
+    same tokens (a drift between the two paths is a silent off-policy error).
     """
     if all_finished is None:
         def all_finished(done: torch.Tensor) -> bool:
@@ -95,6 +103,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
+    token_logprobs = None
+    if logprobs_temperature is not None:
+        token_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
 
     if use_cache:
         cache = KVCache.allocate(model.cfg, B, ids.shape[1] + max_new_tokens, model.tok_embeddings.weight.dtype,
@@ -108,6 +119,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         token = sample_next(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, filler), token)
         out[:, step] = torch.where(finished, torch.full_like(token, pad_id), token)
+        if token_logprobs is not None:
+            logp = torch.log_softmax(logits.float() / logprobs_temperature, dim=-1).gather(1, token[:, None])[:, 0]
+            token_logprobs[:, step] = torch.where(finished, torch.zeros_like(logp), logp)
         lengths += (~finished).long()
         if eos_id is not None:
             finished |= token == eos_id
@@ -126,4 +140,4 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
                 packed[b, : int(seq_lens[b])] = torch.cat([ids[b, : int(prompt_lens[b])], fed[b, : step + 1]])
             logits = model(packed)[rows, seq_lens - 1]
     model.train(was_training)
-    return Generation(out, lengths, finished)
+    return Generation(out, lengths, finished, token_logprobs)

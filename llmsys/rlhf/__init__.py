@@ -25,6 +25,13 @@ from llmsys.rlhf.rollout import (
     shape_scores,
 )
 from llmsys.rlhf.stats import RunningMoments, local_sum, masked_moments, masked_whiten
+from llmsys.rlhf.advantages import (
+    broadcast_to_tokens,
+    group_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from llmsys.rlhf.losses import LOSS_AGGS, RATIO_LEVELS, kl_loss, masked_agg, policy_loss
 
 __all__ = [
     "ANNOTATOR_NAME",
@@ -53,4 +60,13 @@ __all__ = [
     "score_rollout",
     "shape_scores",
     "words",
+    "LOSS_AGGS",
+    "RATIO_LEVELS",
+    "broadcast_to_tokens",
+    "group_advantages",
+    "kl_loss",
+    "masked_agg",
+    "policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
 ]

@@ -1,4 +1,4 @@
-"""RLHF losses as pure functions of tensors: reward model, DPO/IPO, PPO policy and value.
+"""RLHF losses as pure functions of tensors: reward model, DPO/IPO, policy (PPO, GRPO, DAPO, GSPO), value, KL.
 
 Each takes per-example or per-token tensors and returns a scalar loss (plus diagnostics); nothing
 here knows about models, engines or batches. Masks are ``(B, T)`` with 1 on the tokens that count
@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmsys.rlhf.kl import kl_penalty
 from llmsys.rlhf.stats import masked_whiten  # noqa: F401  (re-exported: one implementation, in stats)
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,90 @@ def dpo_loss(
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
+def masked_agg(values: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean",
+               max_len: int | None = None) -> torch.Tensor:
+    """A per-token loss ``(B, T)`` to a scalar over the unmasked tokens, in one of the :data:`LOSS_AGGS` ways.
+
+    - ``"token-mean"``: sum over every unmasked token of the batch / their number (:func:`masked_mean`;
+      DAPO's token-level loss, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at
+      Scale": every token weighs the same, whatever the length of its row).
+    - ``"seq-mean-token-mean"``: mean over sequences of each sequence's token mean (GRPO as published,
+      ``1/G sum_i 1/|o_i| sum_t``, Shao et al. 2024, "DeepSeekMath").
+    - ``"seq-mean-token-sum-norm"``: mean over sequences of (token sum / ``max_len``), a constant such as
+      the generation budget (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+      Perspective": no length bias); ``max_len`` is required there.
+
+    A sequence with no unmasked token is left out of the sequence means (as verl does), and a batch with
+    none at all gives 0, never NaN. Masked entries must be finite (they are multiplied by 0).
+    """
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {', '.join(LOSS_AGGS)}")
+    if agg == "token-mean":
+        return masked_mean(values, mask)
+    if values.dim() != 2 or mask.shape != values.shape:
+        raise ValueError(f"{agg!r} aggregation needs values and mask of the same (B, T) shape; got "
+                         f"{tuple(values.shape)} and {tuple(mask.shape)}")
+    mask = mask.to(values.dtype)
+    tokens = mask.sum(dim=-1)
+    sums = (values * mask).sum(dim=-1)
+    if agg == "seq-mean-token-mean":
+        per_sequence = sums / tokens.clamp(min=1.0)
+    else:
+        if max_len is None or isinstance(max_len, bool) or not max_len > 0:
+            raise ValueError(f"'seq-mean-token-sum-norm' aggregation needs max_len > 0 (a constant, e.g. the "
+                             f"maximum response length); got max_len={max_len!r}")
+        per_sequence = sums / max_len
+    return per_sequence.sum() / (tokens > 0).to(values.dtype).sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token-mean",
+    level: str = "token",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped policy-gradient surrogate of PPO/GRPO/DAPO/GSPO as a loss; all inputs ``(B, T)``; returns ``(loss, clipfrac)``.
+
+    Per token ``max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))`` (Schulman et al. 2017, eq. 7,
+    negated), aggregated over the unmasked tokens by :func:`masked_agg` (``agg``, ``max_len``). A
+    per-sequence advantage (GRPO, RLOO) is broadcast over its tokens by the caller
+    (:func:`llmsys.rlhf.advantages.broadcast_to_tokens`). ``clip_high > clip_low`` is DAPO's clip-higher
+    (Yu et al. 2025, e.g. 0.2 / 0.28: low-probability tokens with a positive advantage may grow further).
+
+    ``level`` picks the importance ratio:
+
+    - ``"token"``: ``rho_t = exp(logprobs_t - old_logprobs_t)``.
+    - ``"sequence"``: GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), one ratio per
+      sequence, the length-normalised ``s_i = exp(mean over its unmasked tokens of (logprobs - old))``, in
+      the GSPO-token form ``s_{i,t} = sg[s_i] pi(y_t) / sg[pi(y_t)]``: every token's value is ``s_i`` and
+      its gradient ``s_i grad log pi(y_t)``. GSPO uses much smaller clip ranges than PPO (e.g. 3e-4 / 4e-4).
+
+    ``clipfrac`` is the fraction of unmasked tokens where the clipped term is strictly larger (where the
+    gradient is cut off), always a token mean, detached. Unknown ``agg``/``level`` raise ``ValueError``.
+    """
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"unknown importance-ratio level {level!r}; expected one of {', '.join(RATIO_LEVELS)}")
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {', '.join(LOSS_AGGS)}")
+    if level == "token":
+        ratio = torch.exp(logprobs - old_logprobs)
+    else:
+        kept = mask.bool()
+        log_ratio = torch.where(kept, logprobs.detach() - old_logprobs, torch.zeros_like(logprobs))
+        seq_log_ratio = log_ratio.sum(dim=-1) / kept.sum(dim=-1).clamp(min=1).to(logprobs.dtype)
+        ratio = torch.exp(seq_log_ratio[:, None] + (logprobs - logprobs.detach()))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = masked_agg(torch.maximum(unclipped, clipped), mask, agg, max_len)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask).detach()
+    return loss, clipfrac
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -79,14 +166,29 @@ def ppo_policy_loss(
     Per token ``max(-A rho, -A clip(rho, 1 - eps, 1 + eps))`` with ``rho = exp(logprobs - old_logprobs)``
     (the negative of the pessimistic ``min`` of the paper), averaged over the unmasked tokens.
     ``clipfrac`` is the fraction of unmasked tokens where the clipped term is strictly larger,
-    i.e. where the gradient is cut off.
+    i.e. where the gradient is cut off. The symmetric, token-level, token-mean case of :func:`policy_loss`
+    (same operations in the same order, so the same bits).
     """
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask).detach()
-    return loss, clipfrac
+    return policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_eps, clip_high=clip_eps,
+                       agg="token-mean", level="token")
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    agg: str = "token-mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """KL(policy || reference) as a loss term, aggregated like the policy loss; inputs ``(B, T)``.
+
+    GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1) adds ``beta * D_KL`` to the loss instead of
+    subtracting it from the reward, estimated per token with Schulman's unbiased, non-negative k3,
+    ``pi_ref / pi - log(pi_ref / pi) - 1`` (:func:`llmsys.rlhf.kl.kl_penalty`); the trainer adds
+    ``beta * kl_loss(...)`` with the ``agg`` (and ``max_len``) of its :func:`policy_loss`.
+    """
+    return masked_agg(kl_penalty(logprobs, ref_logprobs, estimator), mask, agg, max_len)
 
 
 def ppo_value_loss(

@@ -51,6 +51,7 @@ class Rollout:
     ref_logprobs: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None  # (B,) raw reward-model scores
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, R) what the decode path computed while sampling
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
 
@@ -114,29 +115,39 @@ class Sampling:
 
 
 def generate_rollout(policy: Any, prompts: Sequence[Sequence[int]], sampling: Sampling, generator: torch.Generator,
-                     all_finished: Optional[Callable[[torch.Tensor], bool]] = None) -> tuple[Generation, Rollout]:
-    """Sample a response per prompt from the trainable ``policy`` (eval mode, KV cache)."""
+                     all_finished: Optional[Callable[[torch.Tensor], bool]] = None,
+                     record_logprobs: bool = False) -> tuple[Generation, Rollout]:
+    """Sample a response per prompt from the trainable ``policy`` (eval mode, KV cache). With
+    ``record_logprobs`` the rollout keeps the decode path's log-probs of the drawn tokens
+    (``sampler_logprobs``), to compare with the training forward's (:func:`logprob_mismatch`)."""
     with policy.evaluating():
         gen = generate(policy.module, prompts, sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, eos_id=sampling.end_of_turn, pad_id=sampling.filler,
-                       generator=generator, all_finished=all_finished)
-    return gen, build_rollout(prompts, gen.tokens, gen.lengths, gen.finished, sampling.filler)
+                       generator=generator, all_finished=all_finished,
+                       logprobs_temperature=sampling.logprob_temperature if record_logprobs else None)
+    rollout = build_rollout(prompts, gen.tokens, gen.lengths, gen.finished, sampling.filler)
+    if record_logprobs:
+        rollout.sampler_logprobs = gen.logprobs * rollout.mask
+    return gen, rollout
 
 
-def score_rollout(rollout: Rollout, *, policy: Any, reference: Callable, reward_model: Callable,
+def score_rollout(rollout: Rollout, *, policy: Any, reference: Optional[Callable], reward_model: Optional[Callable],
                   critic: Optional[Any], micro_batch: int, temperature: float) -> Rollout:
-    """Fill ``logprobs``, ``ref_logprobs``, ``scores`` (and ``values`` when there is a critic), computed
-    ``micro_batch`` rows at a time without gradients. Every rank must call it with as many rows."""
+    """Fill ``logprobs``, and ``ref_logprobs``, ``scores``, ``values`` for the models given (a reference,
+    a reward model, a critic), computed ``micro_batch`` rows at a time without gradients. Every rank must
+    call it with as many rows."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "scores")}
     with policy.evaluating(), critic.evaluating() if critic is not None else contextlib.nullcontext():
         for start in range(0, len(rollout), micro_batch):
             part = rollout.select(torch.arange(start, min(start + micro_batch, len(rollout)),
                                                device=rollout.input_ids.device))
             parts["logprobs"].append(policy_logprobs(policy, part, temperature)[0])
-            parts["ref_logprobs"].append(policy_logprobs(reference, part, temperature)[0])
+            if reference is not None:
+                parts["ref_logprobs"].append(policy_logprobs(reference, part, temperature)[0])
             if critic is not None:
                 parts["values"].append(critic_values(critic, part))
-            parts["scores"].append(reward_model(part.input_ids, last_index=part.last_index))
+            if reward_model is not None:
+                parts["scores"].append(reward_model(part.input_ids, last_index=part.last_index))
     for key, chunks in parts.items():
         if chunks:
             setattr(rollout, key, torch.cat([c.float() for c in chunks]))
@@ -174,6 +185,13 @@ def kl_shaped_rewards(scores: torch.Tensor, rollout: Rollout, lengths: torch.Ten
     return rewards
 
 
+def score_at_last_token(scores: torch.Tensor, rollout: Rollout, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, R) per-token rewards that are 0 but for each row's score at its last token (no KL shaping)."""
+    rewards = torch.zeros_like(rollout.mask)
+    rewards[torch.arange(len(rollout), device=rewards.device), lengths.long() - 1] = scores.to(rewards.dtype)
+    return rewards
+
+
 def ppo_experience(gen: Generation, rollout: Rollout, *, shaping: ScoreShaping, moments: RunningMoments,
                    kl_coef: float, kl_estimator: str, gamma: float, lam: float,
                    reduce: Reduce = local_sum) -> Rollout:
@@ -184,3 +202,42 @@ def ppo_experience(gen: Generation, rollout: Rollout, *, shaping: ScoreShaping, 
     advantages, rollout.returns = gae(rewards, rollout.values, rollout.mask, gamma=gamma, lam=lam)
     rollout.advantages = masked_whiten(advantages, rollout.mask, unbiased=False, reduce=reduce) * rollout.mask
     return rollout
+
+
+def logprob_mismatch(rollout: Rollout, reduce: Reduce = local_sum,
+                     reduce_max: Callable[[torch.Tensor], torch.Tensor] = local_sum) -> dict[str, float]:
+    """How far the decode path's log-probs of the sampled tokens (``sampler_logprobs``) are from the training
+    forward's (``logprobs``), over every rank's response tokens: the mean and the max of ``|difference|``.
+
+    The two compute the same distribution along different code paths (KV-cache decode vs a full forward,
+    possibly other kernels or precisions); when they disagree the "on-policy" update is silently
+    off-policy, the failure the peers' issue trackers report most. ~1e-6 in fp32 with shared arithmetic.
+    """
+    diff = (rollout.sampler_logprobs - rollout.logprobs).abs() * rollout.mask
+    total, count = reduce(torch.stack([diff.sum(), rollout.mask.sum()]).double()).tolist()
+    worst = reduce_max(diff.max().double().reshape(1))
+    return {"logprob_diff_mean": total / max(count, 1.0), "logprob_diff_max": float(worst[0])}
+
+
+def truncated_is_weights(rollout: Rollout, cap: float) -> torch.Tensor:
+    """(B, R) truncated importance weights ``min(p_train / p_decode, cap)`` of the sampled tokens (Yao et al.
+    2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"): the rollout was drawn
+    by the decode path, the loss assumes the training path; each token's policy gradient is reweighted."""
+    return torch.exp(rollout.logprobs - rollout.sampler_logprobs).clamp(max=cap) * rollout.mask
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """(B,) DAPO's soft over-length punishment (Yu et al. 2025, eq. 13): 0 up to ``max_new_tokens - buffer``
+    tokens, then growing linearly to ``penalty`` at ``max_new_tokens``; subtract it from the score."""
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0) / buffer
+    return penalty * excess.clamp(max=1.0)
+
+
+def uniform_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) bool: rows whose group (``group_size`` consecutive rows) scored all the same. Their group-relative
+    advantages are 0 and carry no signal; DAPO's dynamic sampling leaves them out (Yu et al. 2025, sec. 3.2)."""
+    groups = scores.reshape(-1, group_size)
+    same = (groups == groups[:, :1]).all(dim=1)
+    return same.repeat_interleave(group_size)

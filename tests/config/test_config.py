@@ -28,7 +28,7 @@ def test_every_group_option_composes(group, option):
         overrides.append(f"data.path={CONFIGS}")
     if (group, option) == ("data", "hf"):
         overrides.append("data.dataset=wikitext")
-    if group == "stage" and option in ("reward", "ppo", "dpo"):  # they start from a previous stage's export
+    if group == "stage" and option in ("reward", "ppo", "dpo", "grpo"):  # they start from a previous stage's export
         overrides += ["model.init_from=outputs/sft-tiny-chat/final", "ppo.reward_model=outputs/reward/final"]
     cfg = _compose(overrides)
     assert isinstance(cfg, Config)

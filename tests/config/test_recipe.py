@@ -24,7 +24,7 @@ def test_default_recipe_loads_in_order():
 
 
 @pytest.mark.parametrize("stage,key", [
-    ({"name": "grpo", "steps": 1}, r"pipeline\.stages\[grpo\]\.name"),
+    ({"name": "kto", "steps": 1}, r"pipeline\.stages\[kto\]\.name"),
     ({"name": "sft", "steps": 0}, r"pipeline\.stages\[sft\]\.steps"),
     ({"name": "sft", "steps": 1, "overrides": ["data"]}, r"pipeline\.stages\[sft\]\.overrides"),
     ({"name": "sft", "steps": 1, "overrides": ["trainer.max_steps=5"]}, r"overrides: sets trainer\.max_steps"),

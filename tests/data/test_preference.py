@@ -240,6 +240,44 @@ def test_prompts_from_sft_chat_data(tmp_path, write_jsonl, tokenizer):
     assert all(len(p) <= 5 for p in short.train + short.val)
 
 
+def test_prompt_metadata_is_the_rows_other_fields(tmp_path, write_jsonl, tokenizer):
+    rows = [{"prompt": "Sum?", "response": "3", "system": "Be brief.", "answer": 3, "tags": ["easy"]},
+            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+            {"prompt": "Only a prompt", "answer": "x"},
+            {"prompt": "Pick?", "chosen": "Good.", "rejected": "Bad.", "annotator": "human"},
+            {"prompt": "Sum?", "system": "Be brief.", "response": "three", "answer": 4}]  # the first row's counts
+    prompt_set = load_prompts(_cfg(write_jsonl(tmp_path / "m.jsonl", rows), tmp_path, seq_len=256), tokenizer)
+    meta = dict(zip(prompt_set.train_texts + prompt_set.val_texts, prompt_set.train_meta + prompt_set.val_meta))
+    assert meta == {"Sum?": {"answer": 3, "tags": ["easy"]}, "Hi?": {}, "Only a prompt": {"answer": "x"},
+                    "Pick?": {"chosen": "Good.", "rejected": "Bad.", "annotator": "human"}}
+    assert len(prompt_set.val_meta) == len(prompt_set.val) and len(prompt_set.train_meta) == len(prompt_set.train)
+
+
+def test_a_declared_split_is_honoured_by_the_cache_and_the_prompt_set(tmp_path, write_jsonl, tokenizer):
+    rows = [{**row, "split": "val" if "Question 3:" in row["prompt"] or "Question 7:" in row["prompt"] else "train"}
+            for row in _rows(10)]
+    cfg = _cfg(write_jsonl(tmp_path / "p.jsonl", rows), tmp_path, seq_len=128)
+    data = load_preference_data(prepare_preference_data(cfg, tmp_path / "c", tokenizer))
+    expected = {"Question 3: how are you?", "Question 7: how are you?"}
+    assert set(data.val.prompt_texts()) == expected and len(data.train.prompt_texts()) == 8
+    prompt_set = load_prompts(cfg, tokenizer)
+    assert set(prompt_set.val_texts) == expected and len(prompt_set.train_texts) == 8
+    assert prompt_set.val_meta == [{"chosen": "Fine 3.", "rejected": "Go away"},  # each prompt's first row, no split
+                                   {"chosen": "Fine 7.", "rejected": "Go away"}]
+
+
+def test_one_prompt_in_two_declared_splits_fails(tmp_path, write_jsonl, tokenizer):
+    rows = [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "split": "train"},
+            {"prompt": "R?", "chosen": "Yes.", "rejected": "No.", "split": "val"},
+            {"prompt": "Q?", "chosen": "Sure.", "rejected": "No.", "split": "val"}]
+    cfg = _cfg(write_jsonl(tmp_path / "p.jsonl", rows), tmp_path)
+    message = r"p.jsonl:3: split 'val', but the same prompt has split 'train' at .*p.jsonl:1"
+    with pytest.raises(DataError, match=message):
+        prepare_preference_data(cfg, tmp_path / "c", tokenizer)
+    with pytest.raises(DataError, match=message):
+        load_prompts(cfg, tokenizer)
+
+
 # -- the embedded default --------------------------------------------------------------------------
 
 

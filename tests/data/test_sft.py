@@ -262,6 +262,42 @@ def test_sft_needs_the_models_tokenizer(tmp_path, write_jsonl):
         prepare_sft_data(DataConfig(path=str(path)), tmp_path / "cache")
 
 
+# -- a split declared by the rows ----------------------------------------------------------------
+
+
+def test_rows_that_declare_their_split_keep_it(tmp_path, tokenizer, write_jsonl):
+    rows = [{**row, "split": "val" if i % 3 == 0 else "train"} for i, row in enumerate(_conversations(12))]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    data = load_sft_data(prepare_sft_data(_cfg(path, tmp_path, tokenizer, seq_len=128), tmp_path / "cache"))
+    template = ChatMLTemplate(tokenizer)
+
+    def encoded(split: str) -> set[tuple[int, ...]]:
+        return {tuple(template.encode([{"role": "user", "content": row["prompt"]},
+                                       {"role": "assistant", "content": row["response"]}])[0])
+                for row in rows if row["split"] == split}
+
+    for split in ("train", "val"):
+        cached = getattr(data, split)
+        assert {tuple(cached.raw(i)[0].tolist()) for i in range(len(cached))} == encoded(split)
+    assert len(data.val) == 4  # the rows' split, not data.val_fraction=0.2 of 12
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "a", "response": "b", "split": "train"}, {"prompt": "c", "response": "d"}],
+     r"c.jsonl:2: no 'split' field, but .*c.jsonl:1 has one; either every row declares its split"),
+    ([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d", "split": "val"}],
+     r"c.jsonl:2: a 'split' field, but .*c.jsonl:1 has none"),
+    ([{"prompt": "a", "response": "b", "split": "test"}, {"prompt": "c", "response": "d", "split": "val"}],
+     r"c.jsonl:1: field 'split' is 'test'; expected one of 'train', 'val'"),
+    ([{"prompt": "a", "response": "b", "split": "train"}, {"prompt": "c", "response": "d", "split": "train"}],
+     r"the rows' 'split' fields put 0 of 2 usable conversations in val"),
+])
+def test_declared_splits_fail_clearly(tmp_path, tokenizer, write_jsonl, rows, message):
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        prepare_sft_data(_cfg(path, tmp_path, tokenizer), tmp_path / "cache")
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

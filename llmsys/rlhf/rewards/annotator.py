@@ -1,4 +1,4 @@
-"""Rule-based rewards: text rules that score an answer, with no model (verifiable rewards belong here too).
+"""The rule-based annotator: text rules that score an answer, with no model.
 
 :class:`RuleAnnotator` is the documented stand-in for human rankers. No human preference set ships
 in any package registry, so the embedded alignment default (``data=prefs``) is ranked by this
