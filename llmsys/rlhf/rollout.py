@@ -131,6 +131,12 @@ def generate_rollout(policy: Any, prompts: Sequence[Sequence[int]], sampling: Sa
     return gen, rollout
 
 
+def decode_responses(tokenizer: Any, gen: Generation) -> list[str]:
+    """The generated responses as text (``tokenizer.decode``), without their end-of-turn token."""
+    return [tokenizer.decode(gen.tokens[b, :int(gen.lengths[b]) - int(gen.finished[b])].tolist())
+            for b in range(gen.tokens.shape[0])]
+
+
 def score_rollout(rollout: Rollout, *, policy: Any, reference: Optional[Callable], reward_model: Optional[Callable],
                   critic: Optional[Any], micro_batch: int, temperature: float) -> Rollout:
     """Fill ``logprobs``, and ``ref_logprobs``, ``scores``, ``values`` for the models given (a reference,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from llmsys.rlhf.rollout import (
     logprob_mismatch,
     overlong_penalty,
     policy_logprobs,
+    decode_responses,
     score_at_last_token,
     score_rollout,
     truncated_is_weights,
@@ -80,7 +82,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     gcfg, tcfg, world = cfg.grpo, cfg.trainer, dist.world_size
     out, local, mb = Path(tcfg.output_dir), gcfg.rollout_batch_size // world, tcfg.micro_batch_size
     ckpt_root = out / "checkpoints"
-    if gcfg.rollout_batch_size % (world * gcfg.group_size * mb // _gcd(gcfg.group_size, mb)):
+    if gcfg.rollout_batch_size % (world * math.lcm(gcfg.group_size, mb)):
         raise ValueError(f"grpo.rollout_batch_size={gcfg.rollout_batch_size}: each of the {world} ranks must get "
                          f"whole groups of grpo.group_size={gcfg.group_size} and whole micro-batches of "
                          f"trainer.micro_batch_size={mb}")
@@ -149,9 +151,12 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         train_time = time.perf_counter() - t0
 
         # 5. observe -----------------------------------------------------------------------------
-        correct = torch.tensor(exact_answer(prompt_texts, texts, meta), dtype=torch.float64) \
-            if all("answer" in m for m in meta) else None
-        row = {"step": it + 1, **rollout_stats(rollout, gen, scores, by_source, correct, dropped, gcfg.group_size),
+        correct = None  # the exact-answer rate, from the reward's own check when it has one
+        if "exact_answer" in by_source:
+            correct = by_source["exact_answer"].double()
+        elif all("answer" in m for m in meta):
+            correct = torch.tensor(exact_answer(prompt_texts, texts, meta), dtype=torch.float64)
+        row = {"step": it + 1, **rollout_stats(rollout, gen, by_source, correct, dropped, gcfg.group_size),
                **mismatch, **updated, "lr": models.actor.lr, "generation_time": generation_time,
                "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
         logger.log(row)
@@ -191,18 +196,6 @@ class ModelReward:
                           for part in (self.rollout.select(torch.arange(s, min(s + self.micro_batch, rows),
                                                                         device=self.rollout.input_ids.device))
                                        for s in range(0, rows, self.micro_batch))])
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
-
-
-def decode_responses(tokenizer: Tokenizer, gen: Generation) -> list[str]:
-    """The responses as text, without their end-of-turn token."""
-    return [tokenizer.decode(gen.tokens[b, :int(gen.lengths[b]) - int(gen.finished[b])].tolist())
-            for b in range(gen.tokens.shape[0])]
 
 
 def check_mismatch(mismatch: dict[str, float], gcfg: GRPOConfig, step: int, rollout: Rollout,
@@ -280,7 +273,7 @@ def grpo_update(models: OnlineModels, rollout: Rollout, gcfg: GRPOConfig, *, ite
     return {"policy_loss": updated.pop("loss"), **updated}
 
 
-def rollout_stats(rollout: Rollout, gen: Generation, scores: torch.Tensor, by_source: dict[str, torch.Tensor],
+def rollout_stats(rollout: Rollout, gen: Generation, by_source: dict[str, torch.Tensor],
                   correct, dropped: torch.Tensor, group_size: int) -> dict[str, float]:
     """Collective. This iteration's means over every rank: reward (and each source), the exact-answer rate,
     KL to the reference, response length, finished rate, and the groups left out."""

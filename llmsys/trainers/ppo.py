@@ -44,6 +44,7 @@ from llmsys.rlhf.rollout import (
     Rollout,
     ScoreShaping,
     critic_values,
+    decode_responses,
     generate_rollout,
     policy_logprobs,
     ppo_experience,
@@ -126,8 +127,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         train_time = time.perf_counter() - t0
 
         # 5. observe -----------------------------------------------------------------------------
-        responses = [tokenizer.decode(gen.tokens[b, :int(gen.lengths[b]) - int(gen.finished[b])].tolist())
-                     for b in range(local)]
+        responses = decode_responses(tokenizer, gen)
         prompt_texts = [prompts.train_texts[i] for i in indices]
         judged = torch.tensor([annotator.score(p, r, f) for p, r, f in zip(prompt_texts, responses,
                                                                            gen.finished.tolist())],
