@@ -63,8 +63,10 @@ def save_pretrained(state: Mapping[str, torch.Tensor], cfg: Architecture, out_di
     meta = {"format": FORMAT, "model": cfg.architecture_dict(), **(extra or {})}
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if tokenizer_dir is not None:
+        # Only the tokenizer's files: an export passed as tokenizer_dir must not put its own weights and
+        # config over the ones just written.
         for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
+            if f.is_file() and f.name not in (WEIGHTS_NAME, CONFIG_NAME) and not f.name.endswith(".tmp"):
                 shutil.copy2(f, tmp / f.name)
     return publish_dir(tmp, out_dir)
 

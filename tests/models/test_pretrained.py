@@ -133,3 +133,24 @@ def test_unmerged_adapters_are_refused(tmp_path):
     assert not (tmp_path / "final").exists() and not (tmp_path / "final.tmp").exists()
     save_pretrained(merge_lora_state(state, cfg), cfg, tmp_path / "final")
     assert read_config(tmp_path / "final") == SAVED
+
+
+def test_an_export_given_as_tokenizer_dir_lends_only_its_tokenizer(tmp_path):
+    """A script that passes an earlier export as ``tokenizer_dir`` once had that export's weights and config
+    copied over the new ones: the new export must hold the new state, the tokenizer files the old export's."""
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16)
+    torch.manual_seed(0)
+    old = Transformer(cfg)
+    first = save_pretrained(old.state_dict(), cfg, tmp_path / "first", extra={"stage": "pretrain"})
+    (first / "tokenizer.json").write_text("{}")
+    new = Transformer(cfg)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    second = save_pretrained(new.state_dict(), cfg, tmp_path / "second", tokenizer_dir=first, extra={"stage": "sft"})
+    assert json.loads((second / "config.json").read_text())["stage"] == "sft"
+    assert (second / "tokenizer.json").read_text() == "{}"
+    loaded = load_state(second, read_config(second))
+    for name, value in new.state_dict().items():
+        if name in loaded:
+            torch.testing.assert_close(loaded[name], value)
