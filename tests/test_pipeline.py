@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,23 @@ from llmsys.data import (
     load_sft_data,
     prepare_sft_data,
 )
+from llmsys.eval import RuleAnnotator
 from llmsys.eval.probes import held_out_prompts, load_export
-from llmsys.pipeline import STAGES, compose_config, for_stage, parse_args, stage_command
+from llmsys.pipeline import (
+    DEFAULT_RECIPE,
+    SIDE_BY_SIDE_FILE,
+    STAGES,
+    compose_config,
+    for_stage,
+    load_recipe,
+    md_text,
+    parse_args,
+    stage_command,
+    write_report,
+)
 from tests.conftest import PIPELINE_OVERRIDES
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_stage_scoped_overrides_reach_only_their_stage():
@@ -64,6 +79,122 @@ def test_sft_loss_falls_and_the_model_learns_to_answer_and_stop(pipeline_run):
     assert after["mean_length"] < before["mean_length"] - 10, (before, after)
     table = (pipeline_run / "report.md").read_text()
     assert "| pretrain | 200 |" in table and "| sft | 300 |" in table
+
+
+@pytest.mark.slow
+def test_report_shows_the_stages_side_by_side_and_links_its_plots(pipeline_run):
+    report = json.loads((pipeline_run / "report.json").read_text())
+    table = (pipeline_run / "report.md").read_text()
+    assert list(report["plots"]) == ["loss", "preference_accuracy", "online_rl", "probes"]
+    for entry in report["plots"].values():  # every stage ran, so every figure has its metrics
+        assert f"]({entry['file']})" in table, entry
+        assert (pipeline_run / entry["file"]).read_bytes()[:8] == PNG_SIGNATURE
+    assert report["side_by_side"] == {"file": SIDE_BY_SIDE_FILE}
+    comparison = json.loads((pipeline_run / SIDE_BY_SIDE_FILE).read_text())
+    assert comparison["stages"] == [name for name in STAGES if name != "reward"]  # a reward model does not answer
+    assert comparison["score_name"] == "annotator" and comparison["max_new_tokens"] == report["max_new_tokens"]
+    # The first held-out prompts of the format/stop probe, the same for every stage.
+    samples = report["stages"]["sft"]["probes"]["format_stop"]["samples"]
+    assert len(comparison["prompts"]) == load_recipe(DEFAULT_RECIPE).side_by_side_prompts > len(samples)
+    assert comparison["prompts"][:len(samples)] == [s["prompt"] for s in samples]
+    annotator = RuleAnnotator()
+    for stage in comparison["stages"]:
+        answers = comparison["answers"][stage]
+        assert len(answers) == len(comparison["prompts"])
+        for prompt, answer in zip(comparison["prompts"], answers):
+            assert 1 <= answer["tokens"] <= comparison["max_new_tokens"]
+            assert answer["score"] == annotator.score(prompt, answer["response"], answer["stopped"])
+        assert f"| {stage} | {md_text(answers[0]['response'])} | {answers[0]['tokens']} |" in table
+    # What the stage table measures shows in the answers: the base rambles to the limit, SFT stops.
+    assert not any(a["stopped"] for a in comparison["answers"]["pretrain"])
+    assert any(a["stopped"] for a in comparison["answers"]["sft"])
+    assert "## Stages side by side" in table and "## Plots" in table
+
+
+def _small_report(tmp_path) -> dict:
+    metrics = {"steps": 3, "train_loss_first": 2.0, "train_loss": 1.0, "val_loss_first": None, "val_loss": None}
+    probe = {"n": 1, "stopped": 1.0, "well_formed": 1.0, "both": 1.0, "mean_length": 3.0, "annotator_score": 0.5,
+             "samples": [{"prompt": "hi | there", "answer": "<b>bold</b><|im_end|>"}]}
+    return {"command": "python -m llmsys.pipeline", "out": str(tmp_path), "max_new_tokens": 8,
+            "stages": {"sft": {"seconds": 1.0, "export": "x", "metrics": metrics, "probes": {"format_stop": probe}},
+                       "dpo": {"seconds": 1.0, "export": "y", "metrics": metrics, "probes": {}}},
+            "side_by_side": {"file": SIDE_BY_SIDE_FILE},
+            "plots": {"loss": {"title": "Loss per stage", "file": "plots/loss.png"},
+                      "online_rl": {"title": "PPO reward", "omitted": "no ppo or grpo stage logged reward_mean or kl"}}}
+
+
+def test_report_shows_model_output_as_text_never_as_markup(tmp_path):
+    report = _small_report(tmp_path)
+    comparison = {"max_new_tokens": 8, "score_name": "annotator", "prompts": ["say | <i>hi</i>"],
+                  "stages": ["sft", "dpo"],
+                  "answers": {"sft": [{"response": "a | b <script>alert(1)</script>\nnext\r\n`code` *x* [l](u)",
+                                       "tokens": 9, "stopped": False, "format_ok": True, "score": -1.25}],
+                              "dpo": [{"response": " \n", "tokens": 2, "stopped": True, "format_ok": False,
+                                       "score": -3.0}]}}
+    write_report(tmp_path, report, comparison)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    text = (tmp_path / "report.md").read_text()
+    assert not re.search(r"<(script|i|b)>", text)
+    sft = next(line for line in text.splitlines() if line.startswith("| sft | a"))
+    assert len(re.findall(r"(?<!\\)\|", sft)) == 7  # six cells: the answer's own bar is escaped
+    assert ("| sft | a \\| b &lt;script&gt;alert(1)&lt;/script&gt;<br>next<br>\\`code\\` \\*x\\* \\[l\\](u) | 9 | no | yes"
+            " | -1.25 |") == sft
+    assert "| dpo | *(empty)* | 2 | yes | no | -3.00 |" in text
+    assert "**1.** say \\| &lt;i&gt;hi&lt;/i&gt;" in text
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text  # the probe's examples too
+    assert "![Loss per stage](plots/loss.png)" in text
+    assert "- PPO reward: left out, no ppo or grpo stage logged reward_mean or kl." in text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_left_out_side_by_side_says_why(tmp_path):
+    report = dict(_small_report(tmp_path), side_by_side={"omitted": "pipeline.side_by_side_prompts is 0"})
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Stages side by side\n\nLeft out: pipeline.side_by_side_prompts is 0." in text
+
+
+def test_a_verifiable_recipe_compares_on_held_out_problems_scored_by_the_exact_answer(tmp_path):
+    import torch
+
+    from llmsys.config import ModelConfig
+    from llmsys.data import load_prompts, train_bpe_tokenizer
+    from llmsys.models import Transformer
+    from llmsys.models.export import save_pretrained
+    from llmsys.pipeline import ProbeContext, compare_stages, final
+    from llmsys.rlhf.rewards import exact_answer
+
+    tokenizer = train_bpe_tokenizer(["What is 45 + 7? 52. What is 3 - 1? 2."] * 20, 300)
+    tokenizer_dir = tokenizer.save(tmp_path / "tokenizer")
+    cfg = ModelConfig(name="t", vocab_size=320, pad_vocab_multiple=32, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                      max_seq_len=64)
+    for seed, name in enumerate(("pretrain", "sft")):
+        torch.manual_seed(seed)
+        save_pretrained(Transformer(cfg).state_dict(), cfg, final(tmp_path, name), tokenizer_dir=tokenizer_dir)
+    recipe = load_recipe("verifiable")
+    ctx = ProbeContext(recipe.by_name(), [], 4, "cpu", 6)
+    comparison, why_not = compare_stages(tmp_path, ["pretrain", "sft"], 3, ctx)
+    assert why_not == "" and comparison["stages"] == ["pretrain", "sft"]
+    held_out = load_prompts(ctx.stage_data("sft"), tokenizer)  # the exact_answer probe's problems
+    assert comparison["prompts"] == held_out.val_texts[:3]
+    assert [m[-1]["content"] for m in held_out.val_messages] == held_out.val_texts
+    assert comparison["score_name"] == "exact_answer"
+    for answers in comparison["answers"].values():
+        texts = [a["response"] for a in answers]
+        assert [a["score"] for a in answers] == exact_answer(comparison["prompts"], texts, held_out.val_meta[:3])
+    off = (None, "pipeline.side_by_side_prompts is 0 in the recipe")
+    assert compare_stages(tmp_path, ["pretrain", "sft"], 0, ctx) == off
+
+
+@pytest.mark.parametrize("raw,shown", [
+    ("plain text.", "plain text."),
+    ("x\u2028y\x85z\rw", "x<br>y<br>z<br>w"),
+    ("bell\x07 & $5", "bell\ufffd &amp; \\$5"),
+    ("<|im_end|>", "&lt;\\|im\\_end\\|&gt;"),
+    ("back\\slash", "back\\\\slash"),
+])
+def test_md_text_escapes_markdown_html_and_line_breaks(raw, shown):
+    assert md_text(raw) == shown
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from llmsys.config.schema import (  # noqa: F401  (re-exported)
     StageConfig,
     TrainerConfig,
 )
-from llmsys.paths import corpus_path
+from llmsys.paths import corpus_path, packaged_model_dir
 from llmsys.paths import llmsys_home  # noqa: F401  (re-exported: llmsys.config.llmsys_home)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -44,12 +44,13 @@ _registered = False
 
 
 def register() -> None:
-    """Register the structured schema and the ``llmsys.corpus`` resolver (idempotent)."""
+    """Register the structured schema and the ``llmsys.corpus`` and ``llmsys.model`` resolvers (idempotent)."""
     global _registered
     if _registered:
         return
     ConfigStore.instance().store(name="llmsys_schema", node=Config)
     OmegaConf.register_new_resolver("llmsys.corpus", _embedded_corpus, replace=True)
+    OmegaConf.register_new_resolver("llmsys.model", lambda name: str(packaged_model_dir(name)), replace=True)
     _registered = True
 
 

@@ -643,9 +643,14 @@ class PipelineConfig:
 
     stages: List[PipelineStageConfig] = field(default_factory=list)
     """The stages in the order they run (and the default of ``--stages``)."""
+    side_by_side_prompts: int = 4
+    """Held-out prompts that every stage's export answers in the report's side-by-side
+    (``<out>/side_by_side.json``); 0 leaves it out."""
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "pipeline.stages", "is empty; a recipe names at least one stage")
+        _check(self.side_by_side_prompts >= 0, "pipeline.side_by_side_prompts",
+               f"must be >= 0 (0 leaves the side-by-side out), got {self.side_by_side_prompts}")
         seen: list[str] = []
         for stage in self.stages:
             _check(stage.name not in seen, "pipeline.stages", f"names stage {stage.name} twice")

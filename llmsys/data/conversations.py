@@ -4,8 +4,8 @@ A row is, detected per row, either ``{"prompt", "response"[, "system"]}`` or ``{
 "content"}, ...]}`` with roles system/user/assistant (multi-turn); a chatterbot-corpus YAML file
 (the embedded default) gives its conversations as message lists. Bad rows fail with
 :class:`DataError` naming file and line. SFT reads conversations (:func:`iter_conversations`); the
-preference and prompt readers check their own row forms with :func:`message_fields` and
-:func:`check_message` over the same :func:`iter_source_rows`.
+preference and prompt readers check their own row forms with :func:`message_fields`,
+:func:`check_message` and :func:`user_turn_messages` over the same :func:`iter_source_rows`.
 
 **A row's own split.** A row may declare its split, ``"split": "train"`` or ``"val"`` (the embedded
 ``data=arith`` task does, so that SFT and the online stages hold out the same problems). Then every
@@ -16,7 +16,7 @@ seeded split (``data.val_fraction`` is then unused). Data without the field spli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from llmsys.config.schema import DataConfig
 from llmsys.data.chatterbot import CHATTERBOT_EXTENSIONS, read_chatterbot_yaml
@@ -51,6 +51,20 @@ def check_message(where: str, label: str, role: Any, content: Any) -> None:
         raise DataError(f"{where}: {label} has role {role!r}; expected one of {', '.join(ROLES)}")
     if not isinstance(content, str):
         raise DataError(f"{where}: {label} ({role}) content is a {json_type(content)}, expected a string")
+
+
+def user_turn_messages(raw: Sequence[Any], where: str, field: str) -> Messages:
+    """The chat messages of ``field`` (a list, already checked to be one), checked to end with the user turn
+    to answer: a prompt given as a conversation."""
+    messages = []
+    for index, message in enumerate(raw):
+        role, content = message_fields(message, where, f"{field}[{index}]")
+        check_message(where, f"{field}[{index}]", role, content)
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        last = messages[-1]["role"] if messages else "nothing"
+        raise DataError(f"{where}: field {field!r} ends with {last}; expected its last message to be a user turn")
+    return messages
 
 
 def row_to_messages(row: Any, where: str) -> Messages:

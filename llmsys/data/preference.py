@@ -56,9 +56,8 @@ from llmsys.data.conversations import (
     DeclaredSplits,
     Messages,
     check_declared_split,
-    check_message,
     iter_source_rows,
-    message_fields,
+    user_turn_messages,
 )
 from llmsys.data.pretrain import token_dtype
 from llmsys.data.sources import DataError, json_type
@@ -125,15 +124,7 @@ def prompt_messages(row: dict, where: str) -> Messages:
     if system is not None:
         raise DataError(f"{where}: field 'system' is only allowed with a text prompt; put the system "
                         f"message into the 'prompt' list instead")
-    messages = []
-    for index, message in enumerate(prompt):
-        role, content = message_fields(message, where, f"prompt[{index}]")
-        check_message(where, f"prompt[{index}]", role, content)
-        messages.append({"role": role, "content": content})
-    if not messages or messages[-1]["role"] != "user":
-        last = messages[-1]["role"] if messages else "nothing"
-        raise DataError(f"{where}: the prompt ends with {last}; expected its last message to be a user turn")
-    return messages
+    return user_turn_messages(prompt, where, "prompt")
 
 
 def row_to_pairs(row: Any, where: str) -> list[PreferencePair]:

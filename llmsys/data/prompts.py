@@ -72,8 +72,9 @@ def iter_prompts(cfg: DataConfig) -> Iterator[tuple[str, Messages]]:
 
 @dataclass
 class PromptSet:
-    """Generation prompts (token ids), their last user message (text, for the rewards and the annotator) and
-    their row's other fields (:func:`row_metadata`, for the rewards) per split; the lists of a split align."""
+    """Generation prompts (token ids), their last user message (text, for the rewards and the annotator),
+    their row's other fields (:func:`row_metadata`, for the rewards) and their messages (for a reader that
+    renders them with another tokenizer: the pipeline's side-by-side) per split; the lists of a split align."""
 
     train: list[list[int]]
     val: list[list[int]]
@@ -81,6 +82,8 @@ class PromptSet:
     val_texts: list[str]
     train_meta: list[dict[str, Any]] = field(default_factory=list)
     val_meta: list[dict[str, Any]] = field(default_factory=list)
+    train_messages: list[Messages] = field(default_factory=list)
+    val_messages: list[Messages] = field(default_factory=list)
 
 
 def load_prompts(cfg: DataConfig, tokenizer: Tokenizer | None = None, max_len: int | None = None) -> PromptSet:
@@ -99,10 +102,11 @@ def load_prompts(cfg: DataConfig, tokenizer: Tokenizer | None = None, max_len: i
             prompts[key] = (messages, row_metadata(row))
         splits.add(key, row, where)
     val = splits.val(cfg.val_fraction, str(cfg.path or cfg.dataset))
-    result = PromptSet([], [], [], [], [], [])
+    result = PromptSet([], [], [], [], [], [], [], [])
     for index, (messages, meta) in enumerate(prompts.values()):
         split = "val" if index in val else "train"
         getattr(result, split).append(keep_last(template.generation_prompt(messages), max_len))
         getattr(result, f"{split}_texts").append(prompt_text(messages))
         getattr(result, f"{split}_meta").append(meta)
+        getattr(result, f"{split}_messages").append(messages)
     return result

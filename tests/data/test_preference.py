@@ -87,7 +87,7 @@ BAD_ROWS = [
     ({"prompt": 7, "chosen": "a", "rejected": "b"}, r"field 'prompt' is a number"),
     ({"prompt": [{"role": "bot", "content": "Q"}], "chosen": "a", "rejected": "b"}, r"prompt\[0\] has role 'bot'"),
     ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "chosen": "a",
-      "rejected": "b"}, r"the prompt ends with assistant; expected its last message to be a user turn"),
+      "rejected": "b"}, r"field 'prompt' ends with assistant; expected its last message to be a user turn"),
 ]
 
 

