@@ -42,10 +42,12 @@ def cleanup_shm(port: int) -> None:
 
 
 def train(out: Path, overrides: list[str], nproc: int = 1, launcher: str = "python",
-          timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+          timeout: int = 600, check: bool = True, base: tuple[str, ...] | list[str] = SMALL
+          ) -> subprocess.CompletedProcess:
+    """``llmsys.train`` with ``base`` (the small model, by default) and then ``overrides``."""
     port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1" if nproc > 1 else "2")
-    cmd = command([f"trainer.output_dir={out}", *SMALL, *overrides], nproc, launcher, port)
+    cmd = command([f"trainer.output_dir={out}", *base, *overrides], nproc, launcher, port)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     finally:
