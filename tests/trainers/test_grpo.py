@@ -43,7 +43,7 @@ def test_grpo_raises_held_out_accuracy_with_the_verifiable_recipe(base_export, t
     shared cores, ~4.5 min SFT + ~2 min GRPO): held-out exact answers (all 287, greedy) 0.557 after SFT,
     0.582 / 0.676 after 20 / 40 iterations; the sampled answers' accuracy 0.39 (first 10 iterations) ->
     0.51 (last 10). The bound (+0.07, 20 more problems right) leaves room for run-to-run drift."""
-    stages = {stage.name: stage for stage in load_recipe("verifiable").pipeline.stages}
+    stages = {stage.name: stage for stage in load_recipe("verifiable").stages}
     sft = tmp_path / "sft"
     train(sft, ["stage=sft", *stages["sft"].overrides, f"data.tokenizer={base_export}", "trainer.max_steps=250",
                 "trainer.eval_every=0", "logger.progress=false"], base=(), timeout=1800)
