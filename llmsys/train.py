@@ -3,13 +3,27 @@
 Works the same with no launcher (one process), under ``torchrun``, under the ``deepspeed`` launcher
 (its ``--local_rank=N`` argument is accepted and removed before Hydra parses the overrides) and under
 SLURM's ``srun``.
+
+One run per directory: rank 0 holds an exclusive ``flock`` on ``<trainer.output_dir>/.lock`` (its pid and
+host written inside) for the whole run, so a second run started on the same directory exits at once with
+status 2 naming the holder instead of interleaving metrics and replacing checkpoints. The kernel drops the
+lock when the holder exits, however it exits, so a crashed run leaves nothing stale behind (the file itself
+stays: removing it would let two runs lock two different files of the same name).
+
+A run that meets non-finite numbers it cannot train past (``trainer.max_bad_steps`` skipped steps in a
+row, or weights that are no longer finite when a checkpoint or export is due) exits with status 3 and a
+one-line diagnostic, having written nothing from them.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import socket
 import sys
 import warnings
+from pathlib import Path
+from typing import IO, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -54,9 +68,34 @@ def _trainer(stage: str):
     return importlib.import_module(f"llmsys.trainers.{stage}").run
 
 
+LOCK_FILE = ".lock"
+EXIT_BUSY = 2  # the output directory is held by another run
+EXIT_NON_FINITE = 3  # the run diverged; see NonFiniteError
+
+
+def _try_lock(output_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
+    """The open, exclusively locked ``output_dir/.lock`` with this process's pid and host in it; or None and
+    what the file says about the process holding it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = (output_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process (it has not written its pid yet)"
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle, None
+
+
 def run_stage(cfg: DictConfig) -> dict:
-    """Validate the composed config, join the process group and run the selected stage's trainer."""
-    from llmsys.distributed import init_distributed, shutdown
+    """Validate the composed config, join the process group, lock the output directory and run the
+    selected stage's trainer."""
+    from llmsys.distributed import broadcast_object, init_distributed, shutdown
 
     try:
         config = to_config(cfg)
@@ -64,13 +103,29 @@ def run_stage(cfg: DictConfig) -> dict:
         log.error("invalid config: %s", err)
         sys.exit(2)
     dist = init_distributed(config.deepspeed)
+    output_dir = Path(config.trainer.output_dir)
+    lock, holder = _try_lock(output_dir) if dist.is_main else (None, None)
+    holder = broadcast_object(holder)  # every rank leaves together
+    if holder is not None:
+        if dist.is_main:
+            print(f"llmsys: trainer.output_dir={output_dir} is in use by {holder} ({output_dir / LOCK_FILE}); "
+                  f"wait for that run to finish or choose another trainer.output_dir", file=sys.stderr)
+        shutdown(dist)
+        sys.exit(EXIT_BUSY)
+    from llmsys.trainers.components import NonFiniteError
+
     ok = False
     try:
         summary = _trainer(config.stage.name)(config, dist)
         ok = True
         return summary
+    except NonFiniteError as err:
+        log.error("%s: %s", config.stage.name, err)
+        sys.exit(EXIT_NON_FINITE)
     finally:
         shutdown(dist, clean=ok)
+        if lock is not None:
+            lock.close()  # releases the flock
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")

@@ -326,9 +326,13 @@ class TrainerConfig:
     """Write a metrics line every N steps."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device, for MFU. None: looked up for known GPUs, else MFU is not reported."""
+    max_bad_steps: int = 3
+    """Optimizer steps with a non-finite loss or gradient are skipped (and counted as skipped_steps); this
+    many in a row stop the run with an error, before any checkpoint or export is written from them."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints",
+                    "max_bad_steps"):
             _check(getattr(self, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(self, key)}")
         for key in ("save_every", "eval_every", "eval_samples"):
             _check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")

@@ -12,30 +12,49 @@ Checkpoints are DeepSpeed checkpoints written crash-safely::
 
 A crash at any point leaves ``latest`` naming a complete checkpoint. The root must be on a file
 system that every node sees (as DeepSpeed itself assumes for ZeRO checkpoints).
+
+Every checkpoint ends with ``manifest.json`` (each file's size and sha256), written by rank 0 after
+all other files and before the rename, so a directory with a valid manifest is complete and unaltered.
+Resuming checks it before any state is touched: a truncated, replaced or added file is named, and
+``trainer.resume=auto`` falls back to the newest checkpoint that still verifies (saying so in the log).
+
+Loading never executes code. A ``.pt`` file is a pickle, and unpickling may call any function it
+names, so every file is first scanned for the globals it would import (only the few DeepSpeed types
+of :func:`_checkpoint_globals` are allowed) and then read with ``torch.load(weights_only=True)``:
+DeepSpeed's own reads (it uses ``weights_only=False``) go through :class:`_WeightsOnlyReads`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from llmsys.config import DeepSpeedConfig, OptimConfig, TrainerConfig
-from llmsys.distributed.env import DistInfo, barrier
+from llmsys.distributed.env import DistInfo, all_reduce_max, barrier
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 TAG_PREFIX = "step_"
+_TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -149,16 +168,181 @@ def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, ze
                     p.copy_(src.to(p.dtype))
 
 
+# --- checkpoint files: manifest, trainer state, safe reads ------------------------------------------
+
+
+def _checkpoint_globals() -> list[type]:
+    """The only non-tensor types DeepSpeed 0.19 pickles into its checkpoints (the ZeRO optimizer states
+    of stages 1-3 hold them; ZeRO-0 files, bf16 or not, hold none). Found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` over checkpoints of ZeRO 0-3 (fp32; ZeRO-0
+    and 2 also bf16); a type a newer DeepSpeed adds is refused by name, to be reviewed and added here."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _qualname(obj: type) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def check_pickle(path: Path) -> None:
+    """Refuse ``path`` (a :class:`CheckpointError` naming it) if its pickle would import anything besides
+    tensors, plain data and :func:`_checkpoint_globals`. Reads the pickle's opcodes; runs none of them."""
+    try:
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint file ({_first_line(err)})") from None
+    foreign = named - {_qualname(t) for t in _checkpoint_globals()}
+    if foreign:
+        raise CheckpointError(
+            f"{path}: refused: its pickle would import {', '.join(sorted(foreign))}, which no llmsys "
+            f"checkpoint holds (unpickling it could run code); resume only from checkpoints you trust")
+
+
+def safe_load(path: Path, map_location: Any = None) -> Any:
+    """``torch.load`` that cannot run code: :func:`check_pickle`, then ``weights_only=True`` with only
+    :func:`_checkpoint_globals` allowed; any failure is a :class:`CheckpointError` naming the file."""
+    check_pickle(path)
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint file ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _WeightsOnlyReads:
+    """DeepSpeed's checkpoint engine with its one read replaced by :func:`safe_load` (DeepSpeed itself
+    calls ``torch.load(weights_only=False)``); writes and everything else are DeepSpeed's own."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(Path(path), map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Record every file of ``ckpt`` (size and sha256) in its manifest; written last, atomically."""
+    files = {str(f.relative_to(ckpt)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    _write_text_atomic(ckpt / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Check ``ckpt`` against its manifest and return its trainer state; :class:`CheckpointError` names
+    the first missing, truncated, altered or unlisted file, or the ill-typed trainer-state field."""
+    manifest_file = ckpt / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{manifest_file}: missing; the checkpoint was not completely written "
+                              f"(or predates llmsys's checkpoint manifests), so its files cannot be verified")
+    manifest = _read_json(manifest_file)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CheckpointError(f"{manifest_file}: expected {{\"files\": {{name: {{\"bytes\": int, \"sha256\": str}}}}}}")
+    for name, entry in files.items():
+        file = ckpt / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{manifest_file}: lists {name!r}, which is outside the checkpoint directory")
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, {MANIFEST} records {entry['bytes']}: the file was "
+                                  f"truncated or replaced after the checkpoint was written")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{file}: its sha256 differs from the one in {MANIFEST}: the file was "
+                                  f"altered or replaced after the checkpoint was written")
+    for file in sorted(ckpt.rglob("*")):
+        if file.is_file() and file.name != MANIFEST and str(file.relative_to(ckpt)) not in files:
+            raise CheckpointError(f"{file}: not listed in {MANIFEST}; it was added after the checkpoint was written")
+    if TRAINER_STATE not in files:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: missing (not listed in {MANIFEST})")
+    return _trainer_state(ckpt / TRAINER_STATE)
+
+
+def _trainer_state(path: Path) -> dict:
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    for key, low, high in (("step", 0, None), ("world_size", 1, None), ("zero_stage", 0, 3)):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+            raise CheckpointError(f"{path}: field {key!r} must be {expected}, found {value!r}")
+    return state
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The published ``step_*`` directories under ``root``, oldest first (in-progress ``.tmp`` ones excluded)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint under ``root`` (by the ``latest`` marker), or None."""
+    """The checkpoint to resume from under ``root``: the one ``latest`` names if it verifies, else the
+    newest one that does (logged), or None when ``root`` holds none. Raises :class:`CheckpointError`,
+    listing why each was rejected, when checkpoints exist but none verifies: never a silent restart."""
     marker = root / LATEST
-    if not marker.is_file():
+    candidates = list(reversed(checkpoint_dirs(root)))
+    named: Optional[Path] = None
+    rejected: list[str] = []
+    if marker.is_file():
+        tag = marker.read_text().strip()
+        if _TAG.fullmatch(tag):
+            named = root / tag
+            candidates = [named] + [c for c in candidates if c != named]
+        else:
+            rejected.append(f"{marker}: names {tag!r}, not a checkpoint tag (step_<N>)")
+            log.warning("%s; ignoring it", rejected[-1])
+    elif candidates:
+        log.warning("%s: missing; looking for the newest complete checkpoint among %d step_* directories",
+                    marker, len(candidates))
+    if not candidates and not rejected:
         return None
-    path = root / marker.read_text().strip()
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{marker} names {path.name}, but {path / TRAINER_STATE} is missing; "
-                                f"the checkpoint directory was removed or damaged")
-    return path
+    for ckpt in candidates:
+        try:
+            if not ckpt.is_dir():
+                raise CheckpointError(f"{ckpt}: missing (named by {marker})")
+            verify_checkpoint(ckpt)
+        except CheckpointError as err:
+            rejected.append(str(err))
+            log.warning("checkpoint rejected: %s", err)
+            continue
+        if ckpt != named:
+            why = (f"{marker} names {named.name}" if named is not None
+                   else f"{marker} {'names no checkpoint' if marker.is_file() else 'is missing'}")
+            log.warning("resuming from %s, the newest checkpoint that verifies (%s)", ckpt, why)
+        return ckpt
+    raise CheckpointError(f"{root}: no checkpoint can be resumed from: " + "; ".join(rejected))
 
 
 class Engine:
@@ -192,7 +376,11 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=self.config, dist_init_required=False)
+        self.engine.checkpoint_engine = _WeightsOnlyReads(self.engine.checkpoint_engine)
         self.gradient_accumulation_steps = self.engine.gradient_accumulation_steps()
+        self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=dist.device)
+        self.last_step_skipped = False  # whether the latest optimizer step was skipped as non-finite
+        self.skipped_steps = 0
 
     # --- training -------------------------------------------------------------------------------
 
@@ -208,11 +396,44 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch; DeepSpeed scales by 1/accumulation and reduces gradients."""
+        self._nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
         self.engine.backward(loss)
 
     def step(self) -> None:
-        """Optimizer + schedule step at the accumulation boundary (clipping included)."""
-        self.engine.step()
+        """Optimizer + schedule step at the accumulation boundary (clipping included).
+
+        A step is skipped (``last_step_skipped``) when a micro-batch loss of it on any rank was not finite,
+        or, under ZeRO-0 where the full gradients are in ``p.grad``, a gradient was not: the flag is all-reduced
+        so every rank agrees, and the wrapped torch optimizer's ``step`` is suppressed for this one
+        DeepSpeed step, which works alike for ZeRO 0-3 (DeepSpeed still clears the gradients); weights,
+        moments and the optimizer's step count stay untouched, and the schedule advances with the trainer
+        step. Under ZeRO 1-3 a non-finite gradient behind a finite loss is only skipped where DeepSpeed's
+        own overflow check does it (fp32 ZeRO 1-2); the trainers then see a non-finite ``grad_norm``.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return
+        bad = self._nonfinite_loss.clone()
+        if self.ds_cfg.stage == 0:
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    bad |= ~torch.isfinite(p.grad).all()
+        skip = bool(all_reduce_max(bad.to(torch.float32).reshape(1))[0] > 0)
+        self._nonfinite_loss.zero_()
+        before = self.engine.skipped_steps
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        if skip:
+            inner.step = lambda *args, **kwargs: None  # shadows the class's step for this call only
+        try:
+            self.engine.step()
+        finally:
+            if skip:
+                del inner.step
+        if self.engine.skipped_steps > before:  # DeepSpeed skipped on its own and left the schedule behind
+            self.scheduler.step()
+            skip = True
+        self.last_step_skipped = skip
+        self.skipped_steps += skip
 
     @property
     def lr(self) -> float:
@@ -250,6 +471,7 @@ class Engine:
         if self.dist.is_main:
             state = dict(trainer_state, step=step, world_size=self.dist.world_size, zero_stage=self.ds_cfg.stage)
             _write_text_atomic(root / tmp_tag / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+            write_manifest(root / tmp_tag)
             if final.exists():  # re-saving a step after a resume: replace it only once the new one is whole
                 shutil.rmtree(final)
             os.replace(root / tmp_tag, final)
@@ -266,15 +488,22 @@ class Engine:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Restore model, optimizer, scheduler and RNG from a checkpoint dir; return its trainer state."""
-        state_file = path / TRAINER_STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file}: not found; trainer.resume must be 'auto', 'none' or a "
-                                    f"checkpoint directory such as <output_dir>/checkpoints/step_00000100")
-        state = json.loads(state_file.read_text())
-        saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+        """Restore model, optimizer, scheduler and RNG from a checkpoint dir; return its trainer state.
+
+        The directory is verified against its manifest and every ``.pt`` file is scanned before DeepSpeed
+        reads anything, so a damaged or tampered checkpoint is refused with nothing loaded."""
+        if not (path / TRAINER_STATE).is_file():
+            raise CheckpointError(f"{path / TRAINER_STATE}: not found; trainer.resume must be 'auto', 'none' or "
+                                  f"a checkpoint directory such as <output_dir>/checkpoints/step_00000100")
+        state = verify_checkpoint(path)
+        if self.engine.load_universal_checkpoint():
+            raise CheckpointError(f"{path}: DeepSpeed reads universal checkpoints with torch.load(weights_only="
+                                  f"False); llmsys does not load them (drop checkpoint.load_universal)")
+        for pt in sorted(path.glob("*.pt")):
+            check_pickle(pt)
+        saved_world, saved_stage = state["world_size"], state["zero_stage"]
         if saved_stage != self.ds_cfg.stage or (saved_stage and saved_world != self.dist.world_size):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path}: written with ZeRO stage {saved_stage} on {saved_world} ranks; this run uses stage "
                 f"{self.ds_cfg.stage} on {self.dist.world_size}. DeepSpeed cannot re-partition ZeRO optimizer "
                 f"state: resume with the same layout, or export weights with DeepSpeed's zero_to_fp32.py and "
@@ -282,9 +511,14 @@ class Engine:
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if loaded is None:
-            raise RuntimeError(f"{path}: DeepSpeed found no checkpoint to load")
-        rng_file = path / f"rng_rank{self.dist.rank}.pt"
-        rng = torch.load(rng_file, weights_only=True)
+            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+        # ZeRO-0 resumes at another world size (its states are whole on every rank). Every rank is seeded
+        # alike (trainer.seed), so a rank the checkpoint has no RNG file for takes rank 0's.
+        rng_rank = self.dist.rank if self.dist.rank < saved_world else 0
+        if rng_rank != self.dist.rank:
+            log.warning("%s: written on %d ranks; rank %d restores rank 0's RNG state", path, saved_world,
+                        self.dist.rank)
+        rng = safe_load(path / f"rng_rank{rng_rank}.pt")
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():

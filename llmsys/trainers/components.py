@@ -9,6 +9,9 @@
 - **resume**: :func:`resume_path` (``trainer.resume``: none, auto or a path);
 - **metrics over ranks**: :func:`reduce_sums` (named sums, all ranks at once) and :class:`MetricWindow`
   (loss and metrics averaged over micro-batches and ranks);
+- **numerical guard**: :class:`NumericalGuard` (skipped non-finite steps counted; too many in a row end
+  the run with :class:`NonFiniteError`) and :func:`check_finite_weights` (no checkpoint or export is ever
+  written from non-finite weights);
 - **equal work per rank**: :func:`equal_share` and :func:`every_rank_finished`. Under ZeRO-3 every
   forward pass gathers parameters collectively, so every rank must run the same number of them: a
   rank's share of a list has the same length everywhere, and lock-step loops (generation) run until
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +36,14 @@ from llmsys.data.cache import build_keyed, read_manifest, write_manifest
 from llmsys.data.preference import PreferenceData, load_preference_data, prepare_preference_data
 from llmsys.data.prompts import PromptSet, load_prompts
 from llmsys.distributed import (
+    LATEST,
     DistInfo,
     Engine,
     FrozenModel,
     all_reduce_sum,
     barrier,
     broadcast_object,
+    checkpoint_dirs,
     latest_checkpoint,
 )
 from llmsys.models import Transformer, init_config, load_state, resolve_vocab_size
@@ -140,6 +146,7 @@ def export_final(engine: Engine, model_cfg: ModelConfig, out_dir: Path, tokenize
     """Collective. Consolidated weights (gathered from ZeRO-3 shards if needed) + config + tokenizer,
     written by rank 0. LoRA adapters are merged into their base weights: the export is a plain model
     (config lora rank 0)."""
+    check_finite_weights(engine, f"the export {out_dir}", out_dir.parent / "checkpoints")
     state = engine.consolidated_state_dict()
     if dist.is_main:
         extra = dict(extra)
@@ -252,9 +259,10 @@ def preference_pairs(cfg: Config, dist: DistInfo) -> tuple[Path, PreferenceData]
 
 def resume_path(resume: str, ckpt_root: Path) -> Optional[Path]:
     """The checkpoint to continue from, per ``trainer.resume``: none (refuses to train over checkpoints),
-    auto (the latest complete one under ``ckpt_root``, if any) or a checkpoint directory."""
+    auto (the newest one under ``ckpt_root`` that verifies, see :func:`latest_checkpoint`; None only when
+    there is none at all) or a checkpoint directory (verified when it is loaded)."""
     if resume == "none":
-        if latest_checkpoint(ckpt_root) is not None:
+        if checkpoint_dirs(ckpt_root) or (ckpt_root / LATEST).is_file():
             raise FileExistsError(
                 f"{ckpt_root} already holds checkpoints and trainer.resume=none would train over them; "
                 f"use trainer.resume=auto to continue, or another trainer.output_dir")
@@ -293,10 +301,83 @@ class MetricWindow:
         self.sums[-1] += weight
 
     def mean(self) -> dict[str, float]:
-        """Collective: every rank must call it (with the same metric names)."""
+        """Collective: every rank must call it (with the same metric names). Empty when nothing was added
+        since the last call (every step of the window skipped as non-finite, alike on every rank)."""
+        if self.sums is None:
+            return {}
         totals = all_reduce_sum(self.sums).tolist()
         self.sums.zero_()
+        if totals[-1] == 0:
+            return {}
         return {name: value / totals[-1] for name, value in zip(self.names, totals)}
+
+
+# -- numerical guard -------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """The run met non-finite numbers it cannot train past; nothing was written from them."""
+
+
+def _last_good(ckpt_root: Path) -> str:
+    latest = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+    return str(latest) if latest is not None else "none (no checkpoint written yet)"
+
+
+def check_finite_weights(engine: Engine, what: str, ckpt_root: Path) -> None:
+    """Collective. Raise :class:`NonFiniteError` unless every weight of ``engine`` is finite on every rank
+    (each rank checks what it holds: the whole model under ZeRO 0-2, its shard under ZeRO-3). Called
+    before a checkpoint or export is written, so a diverged run never replaces good files with bad ones."""
+    bad = torch.zeros((), dtype=torch.float64, device=engine.dist.device)
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            held = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            bad += (~torch.isfinite(held)).sum()
+    count = int(all_reduce_sum(bad.reshape(1))[0])
+    if count:
+        raise NonFiniteError(f"{count} non-finite weights: refusing to write {what}; "
+                             f"last good checkpoint: {_last_good(ckpt_root)}")
+
+
+class NumericalGuard:
+    """Counts optimizer steps skipped as non-finite (see :meth:`llmsys.distributed.Engine.step`) and ends
+    the run after ``max_bad`` in a row, naming the step, its loss and the last good checkpoint.
+
+    Every rank sees the same decisions (the engine all-reduces them), so every rank raises together."""
+
+    def __init__(self, max_bad: int, ckpt_root: Path):
+        self.max_bad, self.ckpt_root = max_bad, ckpt_root
+        self.skipped = 0  # in the whole run (this process's part of it, from its start or resume)
+        self.in_a_row = 0
+
+    def observe(self, step: int, *, skipped: bool, loss: Optional[float], grad_norm: Optional[float]) -> None:
+        """After optimizer step ``step`` (1-based): ``skipped`` by the engine, with this rank's ``loss``.
+        A non-finite ``grad_norm`` of a step that was applied counts as bad too (ZeRO 1-3 behind a finite
+        loss): training continues only while the weights are still finite."""
+        diverged = not skipped and grad_norm is not None and not math.isfinite(grad_norm)
+        if not (skipped or diverged):
+            self.in_a_row = 0
+            return
+        self.skipped += skipped
+        self.in_a_row += 1
+        log.warning("step %d: non-finite %s (loss %s, grad norm %s)%s", step,
+                    "gradient" if diverged else "loss or gradient", loss, grad_norm,
+                    "" if diverged else "; optimizer step skipped")
+        if self.in_a_row >= self.max_bad:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} non-finite steps in a row (trainer.max_bad_steps={self.max_bad}), "
+                f"loss {loss}, grad norm {grad_norm}; stopping without writing a checkpoint or export; "
+                f"last good checkpoint: {_last_good(self.ckpt_root)}")
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the latest step was good. Checkpoints wait for one: a checkpoint taken in a bad streak
+        would hold no newer weights than the last good one, and its pruning would remove older good ones."""
+        return self.in_a_row == 0
+
+    def metrics(self) -> dict[str, int]:
+        """For the metrics line: the skipped-step count, once there is one."""
+        return {"skipped_steps": self.skipped} if self.skipped else {}
 
 
 # -- equal work per rank ---------------------------------------------------------------------------

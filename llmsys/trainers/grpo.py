@@ -60,7 +60,9 @@ from llmsys.rlhf.rollout import (
 )
 from llmsys.trainers.components import (
     MetricWindow,
+    NumericalGuard,
     OnlineModels,
+    check_finite_weights,
     equal_share,
     every_rank_finished,
     export_final,
@@ -114,6 +116,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     evaluate = tcfg.eval_every and prompts.val
     if evaluate and start == 0:
         logger.log({"step": 0, **held_out(models, prompts, reward, model_reward, tokenizer, sampling, cfg, dist)})
+    guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root)
     started = time.perf_counter()
     for it in range(start, tcfg.max_steps):
         # 1. generate: group_size responses per prompt -------------------------------------------
@@ -145,10 +148,14 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         score_time, t0 = time.perf_counter() - t0, time.perf_counter()
 
         # 4. update ------------------------------------------------------------------------------
+        skipped_before = models.actor.skipped_steps
         updated = grpo_update(models, rollout, gcfg, iteration=it, seed=tcfg.seed,
                               minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
                               temperature=sampling.logprob_temperature)
         train_time = time.perf_counter() - t0
+        # An iteration any of whose updates was skipped as non-finite counts as one bad step.
+        guard.observe(it + 1, skipped=models.actor.skipped_steps > skipped_before, loss=updated.get("policy_loss"),
+                      grad_norm=None)
 
         # 5. observe -----------------------------------------------------------------------------
         correct = None  # the exact-answer rate, from the reward's own check when it has one
@@ -157,7 +164,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         elif all("answer" in m for m in meta):
             correct = torch.tensor(exact_answer(prompt_texts, texts, meta), dtype=torch.float64)
         row = {"step": it + 1, **rollout_stats(rollout, gen, by_source, correct, dropped, gcfg.group_size),
-               **mismatch, **updated, "lr": models.actor.lr, "generation_time": generation_time,
+               **mismatch, **updated, **guard.metrics(), "lr": models.actor.lr, "generation_time": generation_time,
                "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
         logger.log(row)
         logger.advance(it + 1, {"reward": row["reward_mean"], "acc": row.get("accuracy"), "kl": row["kl"]})
@@ -170,7 +177,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         done = it + 1
         if evaluate and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
             logger.log({"step": done, **held_out(models, prompts, reward, model_reward, tokenizer, sampling, cfg, dist)})
-        if (tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps:
+        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
+            check_finite_weights(models.actor, f"the checkpoint of iteration {done}", ckpt_root)
             models.actor.save_checkpoint(ckpt_root, done, {}, keep=tcfg.keep_checkpoints)
 
     export_final(models.actor, models.actor_cfg, out / "final", out / "tokenizer", dist,

@@ -3,6 +3,9 @@
 The loop, top to bottom: resume, then per optimizer step: this rank's micro-batches -> forward ->
 backward -> DeepSpeed step (clip, AdamW, schedule at the accumulation boundary) -> log -> eval ->
 checkpoint. Data order is a pure function of (seed, step), so the step is the whole data position.
+A step with a non-finite loss or gradient is skipped by the engine and counted by the
+:class:`~llmsys.trainers.components.NumericalGuard`, which ends the run after ``trainer.max_bad_steps``
+in a row; checkpoints wait for a good step and, like the export, are never written from non-finite weights.
 A stage supplies only :class:`LMData`: how many samples there are, how a list of sample indices
 becomes a batch (dense blocks for pre-training, packed rows with ``cu_seqlens`` for SFT, chosen and
 rejected rows for the preference stages), and - for the stages that are not next-token prediction -
@@ -26,7 +29,15 @@ from llmsys.data import BlockSampler
 from llmsys.distributed import DistInfo, Engine, barrier
 from llmsys.models import Transformer, count_parameters, flops_per_token, resolve_vocab_size
 from llmsys.models.lora import is_lora_param, lora_parameter_count
-from llmsys.trainers.components import MetricWindow, equal_share, export_final, initial_weights, resume_path
+from llmsys.trainers.components import (
+    MetricWindow,
+    NumericalGuard,
+    check_finite_weights,
+    equal_share,
+    export_final,
+    initial_weights,
+    resume_path,
+)
 from llmsys.trainers.observe import MetricsLogger, Throughput, device_peak_tflops, write_run_config
 
 log = logging.getLogger(__name__)
@@ -142,34 +153,43 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
 
     engine.train()
     window = MetricWindow(dist.device)
+    guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root)
     bar: dict = {}
     started = time.perf_counter()
     for step in range(start_step, tcfg.max_steps):
         meter.start()
         step_tokens = 0
+        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         for indices in sampler.micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size,
                                              dist.rank, dist.world_size):
             batch = _to_device(data.collate_train(indices), dist.device)
             loss, metrics = data.compute_loss(engine, batch)
             engine.backward(loss)
             engine.step()
-            window.add(loss, metrics)
+            parts.append((loss.detach(), {k: v.detach() for k, v in metrics.items()}))  # no graph kept
             step_tokens += batch["input_ids"].numel() * dist.world_size
         meter.stop(step_tokens)
         tokens_seen += step_tokens
         done = step + 1
+        # A skipped step's numbers stay out of the averages; the guard reports them.
+        guard.observe(done, skipped=engine.last_step_skipped, grad_norm=engine.grad_norm(),
+                      loss=float(torch.stack([part[0] for part in parts]).mean()))
+        if not engine.last_step_skipped:
+            for loss, metrics in parts:
+                window.add(loss, metrics)
 
         if done % tcfg.log_every == 0 or done == tcfg.max_steps:
             row = {"step": done, **window.mean(), "lr": engine.lr, "grad_norm": engine.grad_norm(),
-                   **meter.report(), "tokens": tokens_seen}
+                   **guard.metrics(), **meter.report(), "tokens": tokens_seen}
             logger.log(row)
-            bar = {"loss": row["loss"], "tok/s": row["tokens_per_sec"], "mfu": row["mfu"]}
+            bar = {"loss": row.get("loss"), "tok/s": row["tokens_per_sec"], "mfu": row["mfu"]}
         if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
             val = evaluate(engine, data, cfg, dist)
             last_val = val["val_loss"]
             logger.log({"step": done, **val})
         logger.advance(done, {**bar, "val_loss": last_val})
-        if (tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps:
+        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
+            check_finite_weights(engine, f"the checkpoint of step {done}", ckpt_root)
             engine.save_checkpoint(ckpt_root, done, {"samples_seen": done * tcfg.global_batch_size},
                                    keep=tcfg.keep_checkpoints)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -131,9 +132,9 @@ class MetricsLogger:
     def log(self, row: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
             return
-        row = {k: v for k, v in row.items() if v is not None}
+        row = {k: finite_or_none(v) for k, v in row.items() if v is not None}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if echo:
@@ -153,6 +154,18 @@ class MetricsLogger:
             self._progress.stop()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def finite_or_none(value: Any) -> Any:
+    """A metric as JSON can hold it: NaN and infinities (a diverged step), also inside lists and dicts,
+    become None, written as null (``json.dumps`` would write the bare ``NaN`` no strict JSON reader takes)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def _wandb_id(output_dir: Path) -> str:
@@ -186,4 +199,5 @@ class SampleLog:
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self.enabled and rows:
             with self.path.open("a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+                f.writelines(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n"
+                             for row in rows)

@@ -53,7 +53,9 @@ from llmsys.rlhf.rollout import (
 from llmsys.rlhf.stats import RunningMoments
 from llmsys.trainers.components import (
     MetricWindow,
+    NumericalGuard,
     OnlineModels,
+    check_finite_weights,
     every_rank_finished,
     export_final,
     online_prompts,
@@ -104,6 +106,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
     sampler, annotator = BlockSampler(len(prompts.train), tcfg.seed), RuleAnnotator()
     shaping = ScoreShaping(pcfg.missing_eos_penalty, pcfg.normalize_reward, pcfg.reward_clip)
+    guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root / "actor")
     started = time.perf_counter()
     for it in range(start, tcfg.max_steps):
         # 1-3. experience: generate, score, shape, advantages --------------------------------------
@@ -121,10 +124,14 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         score_time, t0 = time.perf_counter() - t0, time.perf_counter()
 
         # 4. update ------------------------------------------------------------------------------
+        skipped_before = actor.skipped_steps + critic.skipped_steps
         updated = ppo_update(models, rollout, pcfg, train_actor=it >= pcfg.critic_warmup_iters, iteration=it,
                              seed=tcfg.seed, minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
                              temperature=sampling.logprob_temperature)
         train_time = time.perf_counter() - t0
+        # An iteration any of whose updates was skipped as non-finite counts as one bad step.
+        guard.observe(it + 1, skipped=actor.skipped_steps + critic.skipped_steps > skipped_before,
+                      loss=updated.get("policy_loss", updated["loss"]), grad_norm=None)
 
         # 5. observe -----------------------------------------------------------------------------
         responses = decode_responses(tokenizer, gen)
@@ -134,7 +141,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                               dtype=torch.float64, device=dist.device)
         row = {"step": it + 1, **rollout_stats(rollout, gen.lengths, judged), "kl_coef": kl_ctl.value,
                "value_loss": updated.pop("loss"), **updated, "lr": actor.lr, "generation_time": generation_time,
-               "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
+               **guard.metrics(), "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
         kl_ctl.update(row["kl"], pcfg.rollout_batch_size)
         logger.log(row)
         logger.advance(it + 1, {"reward": row["reward_mean"], "kl": row["kl"], "len": row["response_length"]})
@@ -145,8 +152,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
         # 6. checkpoint --------------------------------------------------------------------------
         done = it + 1
-        if (tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps:
+        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
             state = {"kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()}
+            check_finite_weights(actor, f"the actor checkpoint of iteration {done}", ckpt_root / "actor")
+            check_finite_weights(critic, f"the critic checkpoint of iteration {done}", ckpt_root / "actor")
             actor.save_checkpoint(ckpt_root / "actor", done, state, keep=tcfg.keep_checkpoints)
             critic.save_checkpoint(ckpt_root / "critic", done, state, keep=tcfg.keep_checkpoints)
 

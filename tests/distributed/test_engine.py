@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmsys.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrainerConfig
-from llmsys.distributed import DistInfo, Engine, deepspeed_config, latest_checkpoint, lr_multiplier, param_groups
+from llmsys.distributed import CheckpointError, DistInfo, Engine, deepspeed_config, latest_checkpoint, lr_multiplier, param_groups
 from llmsys.models import Transformer
 
 
@@ -90,7 +90,7 @@ def test_a_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_latest_marker_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step_00000005\n")
-    with pytest.raises(FileNotFoundError, match="step_00000005"):
+    with pytest.raises(CheckpointError, match="step_00000005"):
         latest_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path / "nothing_here") is None
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmsys.distributed import DistInfo
-from llmsys.distributed.engine import TRAINER_STATE
+from llmsys.distributed.engine import TRAINER_STATE, write_manifest
 from llmsys.trainers.components import equal_share, every_rank_finished, prepare_on_local_main, reduce_sums, resume_path
 
 
@@ -50,7 +50,8 @@ def test_resume_choices(tmp_path):
     step = root / "step_3"
     step.mkdir(parents=True)
     (root / "latest").write_text("step_3")
-    (step / TRAINER_STATE).write_text("{}")
+    (step / TRAINER_STATE).write_text('{"step": 3, "world_size": 1, "zero_stage": 0}')
+    write_manifest(step)
     assert resume_path("auto", root) == step
     with pytest.raises(FileExistsError, match="trainer.resume=auto"):
         resume_path("none", root)
