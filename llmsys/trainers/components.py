@@ -296,6 +296,8 @@ class MetricWindow:
         if self.sums is None:
             self.names = ["loss", *metrics]
             self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)
+        if not weight:  # counted as nothing (a rank's filler sample), whatever its values
+            return
         values = [loss.detach(), *(metrics[k].detach() for k in self.names[1:])]
         self.sums[:-1] += torch.stack([v.double().reshape(()) for v in values]) * weight
         self.sums[-1] += weight

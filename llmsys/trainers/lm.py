@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from llmsys.config import Config
-from llmsys.data import BlockSampler
+from llmsys.data import IGNORE_INDEX, BlockSampler
 from llmsys.distributed import DistInfo, Engine, barrier
 from llmsys.models import Transformer, count_parameters, flops_per_token, resolve_vocab_size
 from llmsys.models.lora import is_lora_param, lora_parameter_count
@@ -82,17 +82,27 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def evaluate(engine: Engine, data: LMData, cfg: Config, dist: DistInfo) -> dict[str, float]:
-    """Mean loss (and the stage's metrics) over the first ``eval_samples`` validation samples, split
-    evenly over ranks. Every rank runs the same number of forward passes (ZeRO-3 gathers parameters
-    collectively)."""
+    """Mean loss (and the stage's metrics) over the first ``eval_samples`` validation samples, each on
+    exactly one rank, so the number does not depend on the world size. The next-token loss is a mean over
+    target tokens (micro-batches weighted by their tokens: SFT's samples differ in length), the other
+    stages' losses a mean over samples. Every rank runs the same number of forward passes (ZeRO-3 gathers
+    parameters collectively): a rank whose share runs out repeats a sample with weight 0."""
     n = min(cfg.trainer.eval_samples or data.val_size, data.val_size)
-    indices, per_rank = equal_share(range(n), dist, every_item=False)
+    indices, n_real = equal_share(range(n), dist, every_item=True)
     window = MetricWindow(dist.device)
     mb = cfg.trainer.micro_batch_size
     with engine.evaluating():
-        for i in range(0, per_rank, mb):
-            loss, metrics = data.compute_loss(engine, _to_device(data.collate_val(indices[i:i + mb]), dist.device))
-            window.add(loss, metrics, weight=len(indices[i:i + mb]))
+        for i in range(0, len(indices), mb):
+            real = indices[i:min(i + mb, n_real)]
+            batch = _to_device(data.collate_val(real or indices[:1]), dist.device)
+            loss, metrics = data.compute_loss(engine, batch)
+            if not real:
+                weight = 0
+            elif data.compute_loss is next_token_loss:
+                weight = int((batch["labels"] != IGNORE_INDEX).sum())
+            else:
+                weight = len(real)
+            window.add(loss, metrics, weight=weight)
     return {f"val_{name}": value for name, value in window.mean().items()}
 
 

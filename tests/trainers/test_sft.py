@@ -67,6 +67,16 @@ def test_sft_two_processes_match_one(tmp_path, base, single_sft_losses, stage):
         assert loss == pytest.approx(single_sft_losses[step], rel=1e-4), step
 
 
+def test_sft_val_loss_does_not_depend_on_the_number_of_processes(tmp_path, base):
+    # 15 samples (odd) of different lengths: every one is evaluated once, each token weighs the same.
+    common = SFT + [f"model.init_from={base}", "trainer.max_steps=1", "trainer.eval_every=1",
+                    "trainer.eval_samples=15"]
+    train(tmp_path / "one", common)
+    train(tmp_path / "two", common, nproc=2, launcher="torchrun")
+    one, two = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert one[0] == pytest.approx(two[0], rel=2e-6) and one[1] == pytest.approx(two[1], rel=2e-5), (one, two)
+
+
 def test_sft_without_a_tokenizer_is_refused(tmp_path):
     proc = train(tmp_path / "x", SFT + ["trainer.max_steps=1"], check=False)
     assert proc.returncode != 0 and "stage=sft needs the model's tokenizer" in proc.stderr
