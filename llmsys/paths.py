@@ -14,11 +14,17 @@ every rank never writes a file.
 
 **Embedded models** (``${llmsys.model:NAME}``, for ``model.init_from``) are found the same way: the folder
 of an installed package that ships one GGUF file, which ``model.init_from`` converts once into a cache.
+
+**A full disk** is named the same way by every writer (checkpoints, exports): :class:`DiskFullError`, whose
+message gives the path, the free space on its mount and what was cleaned up (:func:`is_disk_full`,
+:func:`free_space`).
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 # name -> (package that ships it, folder inside the package)
@@ -120,3 +126,46 @@ def corpus_path(name: str) -> Path:
             packaged_corpus_dir(source)  # a missing source fails now, not at the first read
         return generated_corpus_path(name)
     return packaged_corpus_dir(name)
+
+
+# --- full disks ------------------------------------------------------------------------------------------
+
+# A write that ran out of space leaves at most a partial block free. torch's zip writer reports ENOSPC with
+# neither an errno nor its text (a RuntimeError "unexpected pos 704 vs 598" on a full 200 kB tmpfs, torch
+# 2.13), so a failed write with less than this left on its mount is taken for a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (``errno.ENOSPC``); the message names the path, the free space on its mount
+    and the partial files removed. Raised as ``DiskFullError(errno.ENOSPC, message)``."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def free_space(path: str | Path) -> tuple[int, Path]:
+    """Bytes this user may still write where ``path`` is (or would be created), and that file system's mount point."""
+    here = Path(os.path.abspath(path))
+    while not here.exists():
+        here = here.parent
+    mount = here
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    return shutil.disk_usage(here).free, mount
+
+
+def is_disk_full(err: BaseException, path: str | Path) -> bool:
+    """Whether ``err``, raised by a write under ``path``, means the disk is full. Call it before removing
+    anything the write left: that frees the space this looks for."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    # torch's legacy writer and safetensors pass the C library's text on (in a RuntimeError, a SafetensorError).
+    if os.strerror(errno.ENOSPC) in str(err):
+        return True
+    return free_space(path)[0] < FULL_DISK_BYTES
+
+
+def megabytes(n_bytes: int) -> str:
+    """``n_bytes`` in MB (10^6 bytes) for messages, e.g. ``"1.3 MB"``."""
+    return f"{n_bytes / 1e6:,.1f} MB"

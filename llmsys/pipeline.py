@@ -4,8 +4,13 @@ The stages, their step counts and settings come from a named recipe, ``configs/e
 (``--recipe``, default ``pipeline``), validated by :class:`~llmsys.config.schema.PipelineConfig`. Each
 stage runs as its own ``python -m llmsys.train stage=<name> trainer.output_dir=<out>/<name> ...`` process
 (under ``torchrun`` with ``--nproc N``), exactly as a user or a cluster scheduler would run it, and starts
-from an earlier stage's export by path. A stage whose ``<out>/<name>/final/`` exists is skipped, and an
-interrupted one resumes from its last checkpoint (``trainer.resume=auto``), so rerunning the same command
+from an earlier stage's export by path. A stage whose ``<out>/<name>/final/`` exists is skipped if it would
+run with the settings it was trained with (its saved ``config.yaml``; :func:`config_changes` says what is
+compared). If they differ, the pipeline stops before running anything, with status 2 and one line naming
+each changed key, so that a report never describes an export trained otherwise than its command says;
+``--rerun-changed`` trains such a stage again from scratch, and every stage trained from its export, their
+old run directories renamed ``<stage>.replaced-<UTC time>`` (never deleted). An interrupted stage (no
+``final/`` yet) resumes from its last checkpoint (``trainer.resume=auto``), so rerunning the same command
 continues where it stopped. Then every export is probed and the report written: ``<out>/report.json``
 (everything) and ``<out>/report.md`` (one table row per stage, then the stages side by side and the plots):
 ``<out>/side_by_side.json`` holds every answering export's greedy answers to the same few held-out prompts
@@ -15,6 +20,7 @@ the curves and probes as pictures (:mod:`llmsys.eval.plots`).
     python -m llmsys.pipeline                                  # pretrain -> sft -> reward -> dpo, ppo
     python -m llmsys.pipeline --out runs/x --steps-scale 0.2   # a quick look
     python -m llmsys.pipeline --stages pretrain,sft model.dim=128 trainer.precision=bf16
+    python -m llmsys.pipeline --rerun-changed sft:optim.lr=3e-4    # retrain sft and the stages after it
 
 Extending: add a stage to the recipe (its ``inputs`` name the exports it starts from) or write a new
 recipe next to it and, for a new behaviour to measure, a function to ``PROBES`` (and its name to
@@ -23,6 +29,7 @@ recipe next to it and, for a new behaviour to measure, a function to ``PROBES`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import html
 import json
@@ -30,10 +37,11 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,13 +249,18 @@ def stage_inputs(stage: PipelineStageConfig, out: Path) -> list[str]:
     return [f"{key}={final(out, source)}" for key, source in stage.inputs.items()]
 
 
+def stage_overrides(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: Sequence[str]) -> list[str]:
+    """The ``llmsys.train`` overrides that run ``stage`` in pipeline directory ``out`` (later ones win)."""
+    steps = max(1, math.ceil(stage.steps * steps_scale))
+    return [f"stage={stage.name}", f"trainer.output_dir={out / stage.name}", f"trainer.max_steps={steps}",
+            "trainer.resume=auto", *stage.overrides, *stage_inputs(stage, out), *for_stage(stage.name, extra)]
+
+
 def stage_command(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: Sequence[str],
                   nproc: int) -> list[str]:
     from llmsys.distributed.env import free_port
 
-    steps = max(1, math.ceil(stage.steps * steps_scale))
-    overrides = [f"stage={stage.name}", f"trainer.output_dir={out / stage.name}", f"trainer.max_steps={steps}",
-                 "trainer.resume=auto", *stage.overrides, *stage_inputs(stage, out), *for_stage(stage.name, extra)]
+    overrides = stage_overrides(stage, out, steps_scale, extra)
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), "-m", "llmsys.train", *overrides]
@@ -256,9 +269,10 @@ def stage_command(stage: PipelineStageConfig, out: Path, steps_scale: float, ext
 
 def run_stage(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: Sequence[str],
               nproc: int) -> float | None:
-    """Train ``stage`` unless its export exists; the seconds it took (None when skipped)."""
+    """Train ``stage`` unless its export exists (:func:`replace_changed` has moved a changed one aside); the
+    seconds it took (None when skipped)."""
     if (final(out, stage.name) / "config.json").is_file():
-        log.info("%s: %s exists, skipping", stage.name, final(out, stage.name))
+        log.info("%s: %s exists, skipping (trained with the same settings)", stage.name, final(out, stage.name))
         return None
     missing = [str(final(out, source)) for source in stage.inputs.values() if not final(out, source).exists()]
     if missing:
@@ -267,11 +281,220 @@ def run_stage(stage: PipelineStageConfig, out: Path, steps_scale: float, extra: 
     cmd = stage_command(stage, out, steps_scale, extra, nproc)
     log.info("%s: %s", stage.name, " ".join(cmd))
     started = time.perf_counter()
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"llmsys.pipeline: stage {stage.name} failed (exit {proc.returncode}); rerun the same "
+    returncode = _run_forwarding_signals(cmd)
+    if returncode != 0:
+        raise SystemExit(f"llmsys.pipeline: stage {stage.name} failed (exit {returncode}); rerun the same "
                          f"command to resume it")
+    if not (final(out, stage.name) / "config.json").is_file():  # stopped by a signal, with a checkpoint
+        log.warning("%s: stopped before the end, with a checkpoint in %s; rerun the same command to resume "
+                    "it (no report written)", stage.name, out / stage.name / "checkpoints")
+        raise SystemExit(0)
     return time.perf_counter() - started
+
+
+def _run_forwarding_signals(cmd: list[str]) -> int:
+    """Run a stage and wait for it. SIGTERM, SIGUSR1 and SIGINT sent to the pipeline are passed on to the
+    stage (which checkpoints and exits, see ``llmsys.train``) instead of ending the pipeline under it."""
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum: int, frame: Any) -> None:
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- finished stages: the settings they were trained with ------------------------------------------
+
+RUN_CONFIG = "config.yaml"  # the resolved config each run saves (llmsys.trainers.observe.write_run_config)
+
+# Settings that do not change what a stage computes, left out when a finished stage's saved config is
+# compared with the one it would run with now: a section name covers all of its keys.
+RESULT_NEUTRAL_KEYS = (
+    "logger",                     # progress bar and W&B: what is shown of a run, not what it trains
+    "trainer.output_dir",         # where the run is, i.e. where its saved config was found
+    "trainer.resume",             # how an interrupted run continues; the pipeline always passes auto
+    "trainer.save_every",         # checkpoints are for resuming: how often and how many are kept leaves
+    "trainer.keep_checkpoints",   #   the weights and the metrics as they are
+    "trainer.peak_tflops",        # only the denominator of the MFU the metrics show
+    "deepspeed.timeout_minutes",  # how long a collective waits for a stuck rank
+    "data.num_proc",              # how and where the token cache is built: the cache key leaves both
+    "data.cache_dir",             #   out (llmsys.data), the tokens are the same
+)
+# The refusal shows at most this many changed keys per stage, each value cut to about this many characters.
+SHOWN_CHANGES = 6
+SHOWN_CHARS = 60
+REPLACED = "replaced"  # a replaced run directory <stage> is kept as <stage>.replaced-<UTC time>
+
+Change = tuple[str, Any, Any]  # (key, saved value, value now)
+_ABSENT = object()
+
+
+def _neutral(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESULT_NEUTRAL_KEYS)
+
+
+def read_saved_config(path: Path) -> dict:
+    """The resolved config a run saved at ``path`` (plain YAML, read with ``yaml.safe_load``: nothing in it
+    can construct objects); ValueError saying what is wrong with the file."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError("missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"unreadable ({' '.join(str(err).split())})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("trainer"), dict):
+        raise ValueError(f"expected the config sections (stage, model, ..., trainer, ...) of a run, got "
+                         f"{type(saved).__name__}")
+    return saved
+
+
+def _leaves(node: Any, now: Mapping, saved: Mapping, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(key, saved value or _ABSENT, value now) for every setting of the config dataclass ``node``, whose
+    plain form is ``now``; free-form values (lists, ``deepspeed.extra``), and a section the saved config
+    holds as something else than a mapping, are compared whole."""
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        old = saved.get(f.name, _ABSENT)
+        if dataclasses.is_dataclass(value) and (old is _ABSENT or isinstance(old, Mapping)):
+            yield from _leaves(value, now[f.name], {} if old is _ABSENT else old, key + ".")
+        else:
+            yield key, old, now[f.name]
+
+
+def config_changes(saved: Mapping, current: Any, out: Path) -> list[Change]:
+    """The settings in which ``current`` (the :class:`~llmsys.config.Config` a stage of pipeline directory
+    ``out`` would run with now) differs from ``saved`` (what the finished run saved), in schema order.
+
+    Paths under the pipeline directory the run was trained in (the parent of its saved
+    ``trainer.output_dir``) are compared relative to it, so that a moved or copied pipeline directory
+    still matches. Left out: :data:`RESULT_NEUTRAL_KEYS`, and settings the saved config lacks (added to
+    llmsys after the run; a new setting defaults to the behaviour from before it existed).
+    """
+    import yaml
+
+    from llmsys.config import to_yaml
+
+    output_dir = saved["trainer"].get("output_dir")
+    trained_in = str(Path(output_dir).parent) if isinstance(output_dir, str) and os.path.isabs(output_dir) else ""
+
+    def relocated(value: Any) -> Any:
+        if trained_in and isinstance(value, str) and (value == trained_in or value.startswith(trained_in + os.sep)):
+            return str(out) + value[len(trained_in):]
+        return value
+
+    now = yaml.safe_load(to_yaml(current))
+    return [(key, relocated(old), new) for key, old, new in _leaves(current, now, saved)
+            if old is not _ABSENT and not _neutral(key) and relocated(old) != new]
+
+
+def _show(value: Any) -> str:
+    """``value`` on one short line: plain strings as they are, everything else as JSON; long ones cut."""
+    text = value if isinstance(value, str) and value and value.isprintable() else json.dumps(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    if isinstance(value, (list, dict)):
+        return f"{text[:SHOWN_CHARS]}… ({len(value)} items)"
+    half = SHOWN_CHARS // 2  # paths differ at either end
+    return f"{text[:half]}…{text[-half:]}"
+
+
+def describe_changes(changes: Sequence[Change]) -> str:
+    shown = [f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changes[:SHOWN_CHANGES]]
+    if len(changes) > SHOWN_CHANGES:
+        shown.append(f"and {len(changes) - SHOWN_CHANGES} more")
+    return ", ".join(shown)
+
+
+def _refuse(message: str) -> None:
+    """Stop with ``message`` on one line and status 2 (a usage error, as the training entry point's)."""
+    print(f"llmsys.pipeline: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def changed_stages(stages: Mapping[str, PipelineStageConfig], names: Sequence[str], out: Path,
+                   steps_scale: float, extra: Sequence[str]) -> dict[str, list[Change]]:
+    """The finished stages of ``names`` (``final/`` exists) that would now run with other settings than they
+    were trained with, and how those differ; refuses (status 2) a finished stage without a readable saved
+    config, since whether its export still fits cannot be told."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    changed = {}
+    for name in names:
+        if not (final(out, name) / "config.json").is_file():
+            continue
+        path = out / name / RUN_CONFIG
+        try:
+            saved = read_saved_config(path)
+        except ValueError as err:
+            _refuse(f"stage {name}: {path}: {err}, so whether {final(out, name)} was trained with the settings "
+                    f"the stage would run with now cannot be checked; restore the file, or move {out / name} "
+                    f"aside to train the stage again")
+        try:
+            current = compose_config(stage_overrides(stages[name], out, steps_scale, extra))
+        except (ConfigError, HydraException, OmegaConfBaseException) as err:
+            causes = [str(e) for e in (err, err.__cause__) if e is not None]
+            _refuse(f"stage {name}: {'; '.join(' '.join(text.split()) for text in causes)}")
+        changes = config_changes(saved, current, out)
+        if changes:
+            changed[name] = changes
+    return changed
+
+
+def consumers(stages: Mapping[str, PipelineStageConfig], names: Collection[str]) -> list[str]:
+    """The stages of the recipe that start, directly or through other stages, from an export of ``names``."""
+    tainted, found = set(names), []
+    for stage in stages.values():  # recipe order: a stage's inputs come before it
+        if stage.name not in tainted and tainted & set(stage.inputs.values()):
+            tainted.add(stage.name)
+            found.append(stage.name)
+    return found
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to an unused ``<name>.replaced-<UTC time>`` beside it (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = run_dir.with_name(f"{run_dir.name}.{REPLACED}-{stamp}"), 2
+    while target.exists():
+        target, n = run_dir.with_name(f"{run_dir.name}.{REPLACED}-{stamp}-{n}"), n + 1
+    run_dir.rename(target)
+    return target
+
+
+def replace_changed(stages: Mapping[str, PipelineStageConfig], selected: Sequence[str], out: Path,
+                    changed: Mapping[str, list[Change]], rerun: bool) -> None:
+    """Refuse (status 2, nothing run, nothing written) to go on past finished stages whose settings changed,
+    or, with ``rerun`` (``--rerun-changed``), move their run directories aside, and those of every stage
+    trained from their exports, so that they train again from scratch."""
+    if not changed:
+        return
+    after = consumers(stages, changed)
+    if not rerun:
+        one = len(changed) == 1
+        listed = "; ".join(f"{name}: {describe_changes(changes)}" for name, changes in changed.items())
+        trained = [name for name in after if name in selected]
+        aside = [name for name in after if name not in selected and (out / name).exists()]
+        then = f" and then {', '.join(trained)}" if trained else ""
+        also = (f"; {', '.join(aside)}, also trained from {'its' if one else 'their'} export{'' if one else 's'} "
+                f"but not in --stages, would only be moved aside") if aside else ""
+        _refuse(f"finished stage{'' if one else 's'} {', '.join(changed)} would now run with other settings than "
+                f"{'its' if one else 'their'} {out}/<stage>/{RUN_CONFIG} records: {listed}; nothing was run and "
+                f"the report is unchanged. Rerun with --rerun-changed to train {', '.join(changed)}{then} again "
+                f"from scratch, each old run directory kept as <stage>.{REPLACED}-<UTC time>{also}")
+    for name in stages:
+        run_dir = out / name
+        if (name in changed or name in after) and run_dir.exists():
+            why = (f"settings changed ({describe_changes(changed[name])})" if name in changed else
+                   "trained from an export that is being replaced")
+            later = "" if name in selected else f"; it trains again when --stages includes {name}"
+            log.info("%s: %s, moved to %s%s", name, why, move_aside(run_dir), later)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -451,6 +674,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--probe-prompts", type=int, default=100, help="held-out prompts per probe")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit of the probes")
     parser.add_argument("--device", default=None, help="where probes run (default: cuda if available, else cpu)")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="train a finished stage again when it would now run with other settings than its "
+                             "saved config.yaml (and every stage trained from it), its old run directory kept "
+                             "as STAGE.replaced-TIME; without it such a stage stops the pipeline (status 2)")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if "=" not in a or a.startswith("-")]
     if unknown:
@@ -490,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if (out / "report.json").is_file():
         previous = json.loads((out / "report.json").read_text()).get("stages", {})
 
+    changed = changed_stages(stages, args.stages, out, args.steps_scale, extra)
+    replace_changed(stages, args.stages, out, changed, args.rerun_changed)
     seconds = {}
     for name in args.stages:
         took = run_stage(stages[name], out, args.steps_scale, extra, args.nproc)

@@ -10,6 +10,13 @@ status 2 naming the holder instead of interleaving metrics and replacing checkpo
 lock when the holder exits, however it exits, so a crashed run leaves nothing stale behind (the file itself
 stays: removing it would let two runs lock two different files of the same name).
 
+Exit statuses: 0 done, or stopped by SIGTERM/SIGUSR1/SIGINT after a step with a checkpoint to resume
+from (see :class:`~llmsys.trainers.components.StopSignals`); 2 a user error (config, data, model, checkpoint,
+disk: one line naming the file, key or path; ``--debug`` or ``HYDRA_FULL_ERROR=1`` shows the traceback)
+or a busy output directory; 3 non-finite numbers; 4 a peer rank stopped answering (see
+:mod:`llmsys.distributed.watchdog`); 128 + N stopped by signal N before training began (or by a second
+Ctrl-C) without a checkpoint.
+
 A run that meets non-finite numbers it cannot train past (``trainer.max_bad_steps`` skipped steps in a
 row, or weights that are no longer finite when a checkpoint or export is due) exits with status 3 and a
 one-line diagnostic, having written nothing from them.
@@ -28,7 +35,15 @@ from typing import IO, Optional
 import hydra
 from omegaconf import DictConfig
 
-from llmsys.config import ConfigError, config_dir, register, to_config, unknown_override_error
+from llmsys.config import (
+    Config,
+    ConfigError,
+    composition_error,
+    config_dir,
+    register,
+    to_config,
+    unknown_override_error,
+)
 
 log = logging.getLogger("llmsys")
 
@@ -69,8 +84,20 @@ def _trainer(stage: str):
 
 
 LOCK_FILE = ".lock"
+EXIT_USER_ERROR = 2  # bad config, data, model, checkpoint or disk: the message says what and where
 EXIT_BUSY = 2  # the output directory is held by another run
 EXIT_NON_FINITE = 3  # the run diverged; see NonFiniteError
+# What a user can cause and fix (a path, a value, a file's contents, the disk): reported in one line. Internal
+# errors keep their traceback.
+USER_ERRORS = (ValueError, OSError)  # ConfigError, DataError are ValueErrors; CheckpointError below
+
+
+def _debug() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("LLMSYS_DEBUG") == "1"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _try_lock(output_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
@@ -94,34 +121,55 @@ def _try_lock(output_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
 
 def run_stage(cfg: DictConfig) -> dict:
     """Validate the composed config, join the process group, lock the output directory and run the
-    selected stage's trainer."""
-    from llmsys.distributed import broadcast_object, init_distributed, shutdown
+    selected stage's trainer; every failure a user can fix ends in one line and its exit status."""
+    from llmsys.distributed import CheckpointError
+    from llmsys.trainers.components import STOP, NonFiniteError, StopNow
 
+    STOP.install()
     try:
         config = to_config(cfg)
     except ConfigError as err:
         log.error("invalid config: %s", err)
-        sys.exit(2)
-    dist = init_distributed(config.deepspeed)
+        sys.exit(EXIT_USER_ERROR)
     output_dir = Path(config.trainer.output_dir)
-    lock, holder = _try_lock(output_dir) if dist.is_main else (None, None)
-    holder = broadcast_object(holder)  # every rank leaves together
-    if holder is not None:
-        if dist.is_main:
-            print(f"llmsys: trainer.output_dir={output_dir} is in use by {holder} ({output_dir / LOCK_FILE}); "
-                  f"wait for that run to finish or choose another trainer.output_dir", file=sys.stderr)
-        shutdown(dist)
-        sys.exit(EXIT_BUSY)
-    from llmsys.trainers.components import NonFiniteError
-
-    ok = False
     try:
-        summary = _trainer(config.stage.name)(config, dist)
-        ok = True
-        return summary
+        return _locked_run(config, output_dir)
     except NonFiniteError as err:
         log.error("%s: %s", config.stage.name, err)
         sys.exit(EXIT_NON_FINITE)
+    except StopNow as stop:
+        ckpts = output_dir / "checkpoints"
+        log.error("%s: stopped at once by %s, without writing a checkpoint; %s", config.stage.name, stop,
+                  f"those in {ckpts} are intact (a rerun resumes from the newest)" if ckpts.is_dir()
+                  else "none had been written")
+        sys.exit(128 + stop.signum)
+    except (*USER_ERRORS, CheckpointError) as err:
+        if _debug():
+            raise
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
+        print(f"llmsys: {prefix}{_one_line(err)}  (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _locked_run(config: Config, output_dir: Path) -> dict:
+    from llmsys.distributed import broadcast_object, init_distributed, shutdown
+
+    dist = init_distributed(config.deepspeed)
+    lock = None
+    ok = False
+    try:
+        lock, holder = _try_lock(output_dir) if dist.is_main else (None, None)
+        holder = broadcast_object(holder)  # every rank leaves together
+        if holder is not None:
+            if dist.is_main:
+                print(f"llmsys: trainer.output_dir={output_dir} is in use by {holder} ({output_dir / LOCK_FILE}); "
+                      f"wait for that run to finish or choose another trainer.output_dir", file=sys.stderr)
+            ok = True
+            sys.exit(EXIT_BUSY)
+        summary = _trainer(config.stage.name)(config, dist)
+        ok = True
+        return summary
     finally:
         shutdown(dist, clean=ok)
         if lock is not None:
@@ -137,8 +185,11 @@ def _hydra_entry(cfg: DictConfig) -> None:
 def main() -> None:
     register()
     argv = _strip_local_rank(sys.argv[1:])
+    if "--debug" in argv:  # full tracebacks for every error
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["LLMSYS_DEBUG"] = os.environ["HYDRA_FULL_ERROR"] = "1"
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    error = unknown_override_error(overrides)
+    error = unknown_override_error(overrides) or composition_error(overrides)
     if error:
         print(f"llmsys: {error}", file=sys.stderr)
         sys.exit(2)

@@ -108,3 +108,40 @@ def unknown_override_error(overrides: list[str]) -> str | None:
             path.append(part)
             node = typing.get_type_hints(node).get(part)
     return None
+
+
+def composition_error(overrides: list[str]) -> str | None:
+    """One line saying why Hydra cannot compose the config with ``overrides`` (a value of the wrong type,
+    a group option that does not exist, a malformed override), or None when it composes.
+
+    Hydra would report these itself, over several lines and with exit status 1; the entry points check
+    first so that every config error reads the same way: one line, status 2."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            return f"cannot parse the override {override!r}: {str(err).strip().splitlines()[0]}"
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose(config_name="config", overrides=list(overrides))
+    except Exception as err:  # Hydra and OmegaConf raise many types; each is a config error here
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = err.__cause__
+        if cause is not None and str(cause).strip():
+            lines.append(str(cause).strip().splitlines()[0])
+        options = getattr(err, "options", None) or getattr(cause, "options", None)
+        message = ": ".join(dict.fromkeys(lines[:1] + lines[-1:] if cause is not None else lines[:1]))
+        if isinstance(err, MissingConfigException) or options:
+            message += f"; choose one of: {', '.join(options)}" if options else ""
+        return message or type(err).__name__
+    finally:
+        GlobalHydra.instance().clear()
+    return None

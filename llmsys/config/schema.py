@@ -365,7 +365,8 @@ class DeepSpeedConfig:
     backend: Optional[str] = None
     """torch.distributed backend; None picks nccl on CUDA and gloo on CPU."""
     timeout_minutes: int = 30
-    """Collective timeout: a rank that stops answering ends the job instead of hanging forever."""
+    """Collective timeout: after this long in one collective (DeepSpeed's included) every live rank exits with
+    status 4, naming the collective and the rank that is not responding, instead of hanging."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config entries merged last (for knobs without a field here)."""
 

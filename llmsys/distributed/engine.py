@@ -13,6 +13,13 @@ Checkpoints are DeepSpeed checkpoints written crash-safely::
 A crash at any point leaves ``latest`` naming a complete checkpoint. The root must be on a file
 system that every node sees (as DeepSpeed itself assumes for ZeRO checkpoints).
 
+A write that fails (a full disk, above all) fails the save on every rank together, never one rank raising
+while the others wait in the next barrier: DeepSpeed's writes go through :class:`_GuardedWrites`, which
+records a failure instead of raising it half way through DeepSpeed's collectives, and the ranks then
+agree on the outcome. The partial ``.tmp`` is removed, ``latest`` and the checkpoints before are left as
+they were, and every rank raises :class:`~llmsys.paths.DiskFullError` (the file, the space free on its
+mount and the space the checkpoint needs) or, for another failed write, a ``RuntimeError`` naming the file.
+
 Every checkpoint ends with ``manifest.json`` (each file's size and sha256), written by rank 0 after
 all other files and before the rename, so a directory with a valid manifest is complete and unaltered.
 Resuming checks it before any state is touched: a truncated, replaced or added file is named, and
@@ -25,6 +32,7 @@ DeepSpeed's own reads (it uses ``weights_only=False``) go through :class:`_Weigh
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +42,9 @@ import pickle
 import random
 import re
 import shutil
+import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -42,7 +52,8 @@ import torch
 from torch import nn
 
 from llmsys.config import DeepSpeedConfig, OptimConfig, TrainerConfig
-from llmsys.distributed.env import DistInfo, all_reduce_max, barrier
+from llmsys.distributed.env import DistInfo, all_reduce_max, barrier, broadcast_object
+from llmsys.paths import DiskFullError, free_space, is_disk_full, megabytes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +95,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name in ("weight", "lora_A", "lora_B")
             (decay if is_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # "decay" marks the group for Engine.apply_optim (an optimizer keeps unknown keys of its groups).
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     return [g for g in groups if g["params"]]
 
 
@@ -139,8 +152,14 @@ def _deep_merge(base: dict, extra: dict) -> None:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write(2) names no file
+            err.filename = str(path)
+        raise
 
 
 def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, zero3: bool,
@@ -229,6 +248,91 @@ class _WeightsOnlyReads:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+@dataclass(frozen=True)
+class _WriteFailure:
+    """A checkpoint write that failed on one rank; plain data, sent to every rank."""
+
+    rank: int
+    path: str
+    error: str
+    disk_full: bool
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in a nested state (each storage once): what ``torch.save`` writes of it,
+    less the pickle around them."""
+    seen: set[int] = set()
+    total, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+class _GuardedWrites:
+    """DeepSpeed's checkpoint engine with its writes made to fail quietly for one save.
+
+    An exception half way through DeepSpeed's ``save_checkpoint`` would take this rank out of the collectives
+    that follow (it ends with a barrier) and leave every other rank waiting there. So the first write that
+    fails on this rank is recorded in :attr:`failure` and this rank's later writes are skipped; every rank
+    runs DeepSpeed's save to its end, and :meth:`Engine.save_checkpoint` then fails them all together.
+    :attr:`requested_bytes` adds up the tensors every write was asked to hold: what the checkpoint needs."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self.begin(rank=0)
+
+    def begin(self, rank: int) -> None:
+        """Start a new save on ``rank``: no failure, nothing requested."""
+        self.rank, self.requested_bytes = rank, 0
+        self.failure: Optional[_WriteFailure] = None
+        self.error: Optional[BaseException] = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.write(Path(path), lambda: self._inner.save(state_dict, path), _tensor_bytes(state_dict))
+
+    def write(self, path: Path, write: Callable[[], Any], n_bytes: int = 0) -> None:
+        """Run ``write`` (which writes ``path``) unless a write of this save failed already; record its failure."""
+        self.requested_bytes += n_bytes
+        if self.error is not None:
+            return
+        try:
+            write()
+        except (OSError, RuntimeError) as err:  # torch's writers raise RuntimeError for a failed write(2)
+            self.failure = _WriteFailure(self.rank, str(path), _first_line(err), is_disk_full(err, path))
+            # torch's zip writer holds its file open until it is freed, and the traceback's frames hold the
+            # writer: cleared, the partial file no longer takes its space once it is removed.
+            cause: Optional[BaseException] = err
+            while cause is not None:
+                traceback.clear_frames(cause.__traceback__)
+                cause = cause.__cause__ or cause.__context__
+            self.error = err
+
+    def guarded(self, write: Callable[[str], Any]) -> Callable[[str], None]:
+        """``write(path)``, a write DeepSpeed makes outside its checkpoint engine, through :meth:`write`."""
+        return lambda path: self.write(Path(path), lambda: write(path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -356,7 +460,7 @@ class Engine:
         parameters it may lack, which keep their constructor init (a reward model's new head)."""
         import deepspeed
 
-        self.dist, self.ds_cfg = dist, ds
+        self.dist, self.ds_cfg, self.optim = dist, ds, optim
         self.config = deepspeed_config(ds, optim, trainer, dist.world_size)
         # Under ZeRO-3 each rank materialises only its shard of every parameter as it is built, so a
         # model larger than one device's memory can be constructed at all.
@@ -376,7 +480,10 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=self.config, dist_init_required=False)
-        self.engine.checkpoint_engine = _WeightsOnlyReads(self.engine.checkpoint_engine)
+        self._writes = _GuardedWrites(_WeightsOnlyReads(self.engine.checkpoint_engine))
+        self.engine.checkpoint_engine = self._writes
+        # The one file DeepSpeed writes around its checkpoint engine (zero_to_fp32.py, ZeRO 1-3, rank 0).
+        self.engine._copy_recovery_script = self._writes.guarded(self.engine._copy_recovery_script)
         self.gradient_accumulation_steps = self.engine.gradient_accumulation_steps()
         self._nonfinite_loss = torch.zeros((), dtype=torch.bool, device=dist.device)
         self.last_step_skipped = False  # whether the latest optimizer step was skipped as non-finite
@@ -435,6 +542,19 @@ class Engine:
         self.last_step_skipped = skip
         self.skipped_steps += skip
 
+    def apply_optim(self) -> None:
+        """After a resume: the optimizer settings of this run's config (``optim.lr``, ``weight_decay``,
+        ``betas``, ``eps``) replace those restored from the checkpoint, from the current step on. (The
+        schedule's shape - warm-up, decay, ``max_steps`` - is computed from this run's config anyway.)"""
+        optim, sched = self.optim, self.scheduler
+        sched.base_lrs = [optim.lr for _ in sched.base_lrs]
+        factor = sched.lr_lambdas[0](sched.last_epoch)
+        for group in sched.optimizer.param_groups:
+            group.update(lr=optim.lr * factor, betas=tuple(optim.betas), eps=optim.eps)
+            if group.get("decay", group["weight_decay"] > 0):
+                group["weight_decay"] = optim.weight_decay
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -455,30 +575,78 @@ class Engine:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def save_checkpoint(self, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
-        """Collective: every rank writes its shards; rank 0 publishes the checkpoint and prunes old ones."""
+        """Collective: every rank writes its shards; rank 0 publishes the checkpoint and prunes old ones.
+
+        A failed write on any rank raises on every rank (the module docstring says how), leaving ``root`` as
+        it was before the call."""
         tag = f"{TAG_PREFIX}{step:08d}"
-        tmp_tag, final = f"{tag}.tmp", root / tag
+        tmp, final = root / f"{tag}.tmp", root / tag
         if self.dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(root / tmp_tag, ignore_errors=True)  # a crashed earlier attempt
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         barrier()
-        self.engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+        writes = self._writes
+        writes.begin(self.dist.rank)
+        self.engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, root / tmp_tag / f"rng_rank{self.dist.rank}.pt")
-        barrier()
+        rng_file = tmp / f"rng_rank{self.dist.rank}.pt"
+        writes.write(rng_file, lambda: torch.save(rng, rng_file), _tensor_bytes(rng))
+        reports = _all_gather_object((writes.failure, writes.requested_bytes))  # also the barrier before publishing
+        failures = [failure for failure, _ in reports if failure is not None]
+        if failures:
+            self._fail_save(root, step, failures[0], sum(n for _, n in reports), writes.error)
+        failure: Optional[_WriteFailure] = None
         if self.dist.is_main:
-            state = dict(trainer_state, step=step, world_size=self.dist.world_size, zero_stage=self.ds_cfg.stage)
-            _write_text_atomic(root / tmp_tag / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
-            write_manifest(root / tmp_tag)
-            if final.exists():  # re-saving a step after a resume: replace it only once the new one is whole
-                shutil.rmtree(final)
-            os.replace(root / tmp_tag, final)
-            _write_text_atomic(root / LATEST, tag + "\n")
-            self._prune(root, keep, final)
-        barrier()
+            try:
+                self._publish(root, tmp, final, dict(trainer_state, step=step, world_size=self.dist.world_size,
+                                                     zero_stage=self.ds_cfg.stage), keep)
+            except (OSError, RuntimeError) as err:
+                writes.error = err
+                failure = _WriteFailure(0, getattr(err, "filename", None) or str(tmp), _first_line(err),
+                                        is_disk_full(err, tmp))
+                if final.exists() and not tmp.exists():  # renamed, but `latest` could not be moved to it
+                    shutil.rmtree(final, ignore_errors=True)
+        failure = broadcast_object(failure)  # also the barrier after publishing
+        if failure is not None:
+            self._fail_save(root, step, failure, sum(n for _, n in reports), writes.error)
         return final
+
+    def _publish(self, root: Path, tmp: Path, final: Path, state: dict, keep: int) -> None:
+        """Rank 0: trainer state and manifest into ``tmp``, rename it to ``final``, point ``latest`` at it, prune."""
+        _write_text_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+        write_manifest(tmp)
+        if final.exists():  # re-saving a step after a resume: replace it only once the new one is whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+        self._prune(root, keep, final)
+
+    def _fail_save(self, root: Path, step: int, failure: _WriteFailure, needed: int,
+                   error: Optional[BaseException]) -> None:
+        """Collective: rank 0 removes the partial checkpoint; every rank raises the same one-line error (chained
+        to its own failed write, ``error``, where it had one)."""
+        tmp = root / f"{TAG_PREFIX}{step:08d}.tmp"
+        message = None
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            good = root / LATEST
+            named = root / good.read_text().strip() if good.is_file() else None
+            kept = named if named is not None and named.is_dir() else next(reversed(checkpoint_dirs(root)), None)
+            last = f"the last good checkpoint {kept} is intact" if kept else "no earlier checkpoint was written"
+            if failure.disk_full:
+                free, mount = free_space(root)
+                message = (f"{failure.path}: no space left on device while writing checkpoint step {step} "
+                           f"({megabytes(free)} free on {mount}, the checkpoint needs about {megabytes(needed)}); "
+                           f"removed the partial {tmp}; {last}")
+            else:
+                message = (f"{failure.path}: writing checkpoint step {step} failed on rank {failure.rank} "
+                           f"({failure.error}); removed the partial {tmp}; {last}")
+        message = broadcast_object(message)
+        if failure.disk_full:
+            raise DiskFullError(errno.ENOSPC, message) from error
+        raise RuntimeError(message) from error
 
     @staticmethod
     def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -487,15 +655,18 @@ class Engine:
             if old != newest:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path) -> dict:
+    def load_checkpoint(self, path: Path, check: Optional[Callable[[dict], None]] = None) -> dict:
         """Restore model, optimizer, scheduler and RNG from a checkpoint dir; return its trainer state.
 
         The directory is verified against its manifest and every ``.pt`` file is scanned before DeepSpeed
-        reads anything, so a damaged or tampered checkpoint is refused with nothing loaded."""
+        reads anything, so a damaged or tampered checkpoint is refused with nothing loaded; so is one whose
+        trainer state ``check`` raises on (settings the resume cannot honour)."""
         if not (path / TRAINER_STATE).is_file():
             raise CheckpointError(f"{path / TRAINER_STATE}: not found; trainer.resume must be 'auto', 'none' or "
                                   f"a checkpoint directory such as <output_dir>/checkpoints/step_00000100")
         state = verify_checkpoint(path)
+        if check is not None:
+            check(state)
         if self.engine.load_universal_checkpoint():
             raise CheckpointError(f"{path}: DeepSpeed reads universal checkpoints with torch.load(weights_only="
                                   f"False); llmsys does not load them (drop checkpoint.load_universal)")

@@ -2,10 +2,15 @@
 
 Everything here runs before DeepSpeed is imported, because DeepSpeed reads ``DS_ACCELERATOR`` and
 ``TORCH_EXTENSIONS_DIR`` at import time.
+
+A rank that stops answering never hangs the job: every process group, DeepSpeed's own included, gets
+``deepspeed.timeout_minutes`` (plus ``BACKSTOP``), and on several ranks a watchdog thread
+(:mod:`llmsys.distributed.watchdog`) ends each live rank, exit status 4, once its main thread has waited
+``deepspeed.timeout_minutes`` in one collective, with one line naming the collective and the rank that is not
+responding.
 """
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import socket
@@ -17,9 +22,15 @@ from typing import Any, Optional
 import torch
 
 from llmsys.config import DeepSpeedConfig
+from llmsys.distributed.watchdog import STORE_TIMEOUT_S, Watchdog
 from llmsys.paths import llmsys_home, torch_extensions_home
 
 log = logging.getLogger(__name__)
+
+# torch's own collective timers run this much longer than the watchdog's, so that the watchdog, which can
+# say who is not responding, speaks first; they still end what it cannot see.
+BACKSTOP = timedelta(seconds=30)
+_watchdog: Optional[Watchdog] = None
 
 
 def setup_environment() -> None:
@@ -99,9 +110,41 @@ def init_distributed(cfg: DeepSpeedConfig) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = cfg.backend or "gloo"  # DeepSpeed's CPU default (ccl) needs oneCCL, which PyPI lacks
+    timeout = timedelta(minutes=cfg.timeout_minutes)
+    _set_default_group_timeout(timeout + BACKSTOP)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(minutes=cfg.timeout_minutes))
+                               timeout=timeout + BACKSTOP)
+    if world > 1:
+        _start_watchdog(rank, world, timeout, f"deepspeed.timeout_minutes={cfg.timeout_minutes}")
+    _unlink_shm_buffer_names(rank, world, device)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def _set_default_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group created without one.
+
+    torch gives such a group its backend's built-in default (30 min on gloo, 10 on NCCL), not the world
+    group's, and DeepSpeed creates all of its groups that way (``new_group(ranks)`` in
+    deepspeed/comm/torch.py: data parallel, ZeRO partitions, ...), so before this a stuck rank left its peers
+    waiting half an hour in DeepSpeed's gradient all-reduce whatever the setting. torch has no public switch;
+    ``_get_default_timeout`` in torch/distributed/distributed_c10d.py reads these two attributes at every
+    ``new_group`` (``tests/reliability/test_hung_rank.py`` checks every group of an engine).
+    """
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+def _start_watchdog(rank: int, world: int, timeout: timedelta, setting: str) -> None:
+    """Start this rank's watchdog, its heartbeats on a connection of its own to the rendezvous store."""
+    global _watchdog
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = torch.distributed.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    # torchrun's agent hosts the store its workers rendezvous on; under other launchers rank 0 does.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    owner = f"the torchrun agent at {addr}:{port}" if agent else "rank 0"
+    _watchdog = Watchdog(rank=rank, world_size=world, timeout=timeout, setting=setting, store=store,
+                         store_owner=owner).start()
 
 
 def barrier() -> None:
@@ -134,29 +177,41 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _shm_buffer_paths(rank: int) -> list[Path]:
-    # DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates
-    # /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (~69 MB) and never unlinks it.
+def _shm_buffer_path(rank: int) -> Path:
+    """The name DeepSpeed's CPU comm op gives rank ``rank``'s all-reduce buffer (``shm_initialize`` in
+    deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-    return [Path("/dev/shm") / name]
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_buffer_names(rank: int, world: int, device: torch.device) -> None:
+    """Remove this rank's DeepSpeed all-reduce buffer from /dev/shm as soon as every rank has mapped it.
+
+    On the CPU, when ``LOCAL_SIZE`` (set by the deepspeed launcher) equals the world size,
+    ``deepspeed.init_distributed`` creates a ~69 MB shared-memory file per rank, maps every peer's (waiting
+    until each exists) and never unlinks its own, so every run, however it ended, left them behind. Once
+    every rank is past ``init_distributed`` (the barrier) each buffer is mapped by every rank; a mapping
+    outlives its name, so the names can go now: the all-reduce keeps working, the memory is freed when the
+    last rank exits, and even a SIGKILL leaves nothing in /dev/shm.
+    """
+    if device.type != "cpu":
+        return
+    if world > 1:
+        torch.distributed.barrier()
+    _shm_buffer_path(rank).unlink(missing_ok=True)  # none without LOCAL_SIZE (torchrun, srun, several nodes)
 
 
 def shutdown(dist: Optional[DistInfo], clean: bool = True) -> None:
-    """Leave the process group and remove what DeepSpeed's CPU comm op left in /dev/shm.
+    """Leave the process group.
 
     ``clean=False`` (this rank failed) skips the final barrier: the other ranks will not reach it,
     and the launcher ends them when this process exits non-zero.
     """
+    global _watchdog
     if torch.distributed.is_initialized():
         if clean:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    if dist is not None and dist.device.type == "cpu":
-        for path in _shm_buffer_paths(dist.rank):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except PermissionError:
-                log.warning("could not remove %s (owned by %s?)", path, getpass.getuser())
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None

@@ -14,6 +14,7 @@ Readers that also accept Hugging Face directories are in :mod:`llmsys.models.pre
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmsys.config import ModelConfig
 from llmsys.config.schema import Architecture
 from llmsys.models.lora import is_lora_param
+from llmsys.paths import DiskFullError, free_space, is_disk_full, megabytes
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -50,7 +53,8 @@ def save_pretrained(state: Mapping[str, torch.Tensor], cfg: Architecture, out_di
 
     ``cfg`` (an Architecture or a whole ModelConfig) contributes its architecture only. LoRA adapters
     must be merged first (``llmsys.models.lora.merge_lora_state``): the export records no adapter config
-    that could rebuild them."""
+    that could rebuild them. A write that fails removes ``<out_dir>.tmp`` and leaves ``out_dir`` as it was;
+    a full disk is a :class:`~llmsys.paths.DiskFullError` naming the space free and needed."""
     adapters = [name for name in state if is_lora_param(name)]
     if adapters:
         raise ValueError(f"the state holds LoRA adapter tensors ({', '.join(adapters[:3])}, ...); merge them "
@@ -58,16 +62,31 @@ def save_pretrained(state: Mapping[str, torch.Tensor], cfg: Architecture, out_di
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_unique_state(state, cfg), str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "model": cfg.architecture_dict(), **(extra or {})}
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    weights = _unique_state(state, cfg)
+    tokenizer_files: list[Path] = []
     if tokenizer_dir is not None:
         # Only the tokenizer's files: an export passed as tokenizer_dir must not put its own weights and
         # config over the ones just written.
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.name not in (WEIGHTS_NAME, CONFIG_NAME) and not f.name.endswith(".tmp"):
-                shutil.copy2(f, tmp / f.name)
+        tokenizer_files = [f for f in Path(tokenizer_dir).iterdir()
+                           if f.is_file() and f.name not in (WEIGHTS_NAME, CONFIG_NAME) and not f.name.endswith(".tmp")]
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "model": cfg.architecture_dict(), **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        full = is_disk_full(err, tmp)  # before the cleanup frees the space it looks for
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        free, mount = free_space(out_dir)
+        needed = sum(t.nbytes for t in weights.values()) + sum(f.stat().st_size for f in tokenizer_files)
+        kept = f"the previous export {out_dir} is intact" if out_dir.exists() else f"{out_dir} was not written"
+        raise DiskFullError(errno.ENOSPC, f"{out_dir}: no space left on device while writing the export "
+                            f"({megabytes(free)} free on {mount}, the export needs about {megabytes(needed)}); "
+                            f"removed the partial {tmp}; {kept}") from err
     return publish_dir(tmp, out_dir)
 
 
@@ -84,14 +103,33 @@ def publish_dir(tmp: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def read_json(path: Path):
+    """The JSON value in ``path``; a one-line error naming the file and the place when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); expected a JSON file") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a one-line error naming it when it is damaged or not one."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())}); it may be "
+                         f"truncated or damaged") from None
+
+
 def read_export_config(path: str | Path) -> ModelConfig:
     """The architecture of an llmsys export, as a ModelConfig with the default implementation choices."""
     cfg_file = Path(path) / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found; model.init_from must be an llmsys export directory "
                                 f"holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a Hugging Face model directory")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT or "model" not in meta:
+    meta = read_json(cfg_file)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{cfg_file}: not an llmsys export (expected \"format\": \"{FORMAT}\" and a \"model\" field)")
     saved = meta["model"]
     unknown = sorted(set(saved) - ARCHITECTURE_FIELDS - RUN_FIELDS)
@@ -105,7 +143,7 @@ def load_export_state(path: str | Path, cfg: Architecture) -> dict[str, torch.Te
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return state

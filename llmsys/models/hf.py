@@ -42,11 +42,19 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmsys.config import ModelConfig
 from llmsys.config.schema import Architecture
-from llmsys.models.export import FORMAT, load_export_state, publish_dir, read_export_config, save_pretrained
+from llmsys.models.export import (
+    FORMAT,
+    load_export_state,
+    publish_dir,
+    read_export_config,
+    read_json,
+    read_safetensors,
+    save_pretrained,
+)
 from llmsys.models.gguf import find_gguf, import_gguf
 from llmsys.models.transformer import Transformer
 
@@ -302,7 +310,7 @@ def _read_hf_json(path: Path) -> dict:
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: not found; a Hugging Face model directory holds {CONFIG_NAME}")
-    return json.loads(cfg_file.read_text())
+    return read_json(cfg_file)
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:
@@ -316,7 +324,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
     if single.is_file():
         shards = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no weight_map")
         shards = [path / name for name in sorted(set(weight_map.values()))]
@@ -332,7 +340,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
     for shard in shards:
         if not shard.is_file():
             raise FileNotFoundError(f"{shard}: listed in {index.name} but not found")
-        for name, tensor in load_file(str(shard)).items():
+        for name, tensor in read_safetensors(shard).items():
             tensors[name], files[name] = tensor, shard
     return tensors, files
 
@@ -363,14 +371,14 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
     keys = [f"{role}_token_id" for role in SPECIAL_TOKEN_ROLES]
     gen_file = tokenizer_dir / GENERATION_CONFIG_NAME
     if gen_file.is_file():
-        gen = json.loads(gen_file.read_text())
+        gen = read_json(gen_file)
         return {k: gen[k] for k in keys if gen.get(k) is not None}
     cfg_file, tok_file = tokenizer_dir / "tokenizer_config.json", tokenizer_dir / "tokenizer.json"
     if not (cfg_file.is_file() and tok_file.is_file()):
         return {}
     import tokenizers
 
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file)
     backend = tokenizers.Tokenizer.from_file(str(tok_file))
     ids = {}
     for role in SPECIAL_TOKEN_ROLES:
@@ -424,7 +432,7 @@ def chat_behaviour(tokenizer_dir: str | Path) -> Optional[ChatBehaviour]:
     import tokenizers
 
     backend = tokenizers.Tokenizer.from_file(str(tok_file))
-    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    config = read_json(cfg_file) if cfg_file.is_file() else {}
     own = config.get("chat_template")
     if not (isinstance(own, str) and own.strip()) and (tokenizer_dir / CHAT_TEMPLATE_FILE).is_file():
         own = (tokenizer_dir / CHAT_TEMPLATE_FILE).read_text()
@@ -453,7 +461,7 @@ def _write_chat_behaviour(tmp: Path, behaviour: ChatBehaviour) -> None:
     """Put the template and the end-of-turn EOS into the copied tokenizer_config.json (and
     special_tokens_map.json), where ``AutoTokenizer`` reads them."""
     cfg_file = tmp / TOKENIZER_CONFIG_NAME
-    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    config = read_json(cfg_file) if cfg_file.is_file() else {}
     if behaviour.template is not None:
         config["chat_template"] = behaviour.template
     if _token_content(config.get("eos_token")) != behaviour.end_of_turn:
@@ -461,7 +469,7 @@ def _write_chat_behaviour(tmp: Path, behaviour: ChatBehaviour) -> None:
     cfg_file.write_text(json.dumps(config, indent=2) + "\n")
     map_file = tmp / SPECIAL_TOKENS_MAP_NAME
     if map_file.is_file():
-        special_map = json.loads(map_file.read_text())
+        special_map = read_json(map_file)
         if _token_content(special_map.get("eos_token")) != behaviour.end_of_turn:
             special_map["eos_token"] = behaviour.end_of_turn
             map_file.write_text(json.dumps(special_map, indent=2) + "\n")
@@ -483,7 +491,7 @@ def save_hf(state: Mapping[str, torch.Tensor], cfg: Architecture, out_dir: str |
     special = special_token_ids(tokenizer_dir) if tokenizer_dir is not None else {}
     behaviour = chat_behaviour(tokenizer_dir) if tokenizer_dir is not None else None
     gen_file = Path(tokenizer_dir) / GENERATION_CONFIG_NAME if tokenizer_dir is not None else None
-    gen = json.loads(gen_file.read_text()) if gen_file is not None and gen_file.is_file() else dict(special)
+    gen = read_json(gen_file) if gen_file is not None and gen_file.is_file() else dict(special)
     if behaviour is not None:
         special["eos_token_id"] = behaviour.end_of_turn_id
         gen = _stopping_at(gen, behaviour.end_of_turn_id)

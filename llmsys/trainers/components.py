@@ -6,7 +6,9 @@
   weights with this run's kernels), :func:`export_final` (the consolidated ``final/`` export, LoRA merged);
 - **data**: :func:`prepare_on_local_main` (one process per node tokenises, the others wait, then every
   rank gets the same answer), :func:`preference_pairs`;
-- **resume**: :func:`resume_path` (``trainer.resume``: none, auto or a path);
+- **resume**: :func:`resume_path` (``trainer.resume``: none, auto or a path) and :func:`check_resume_config`
+  (what changed since the checkpoint: applied and logged, or refused naming the key);
+- **preemption**: :data:`STOP` (SIGTERM, SIGUSR1 and SIGINT turned into a checkpoint at the end of the step);
 - **metrics over ranks**: :func:`reduce_sums` (named sums, all ranks at once) and :class:`MetricWindow`
   (loss and metrics averaged over micro-batches and ranks);
 - **numerical guard**: :class:`NumericalGuard` (skipped non-finite steps counted; too many in a row end
@@ -23,10 +25,12 @@ import dataclasses
 import fcntl
 import logging
 import math
+import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -40,6 +44,7 @@ from llmsys.distributed import (
     DistInfo,
     Engine,
     FrozenModel,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -99,6 +104,10 @@ def pretrained_dir(path: str) -> str:
     ``$LLMSYS_HOME/gguf/<sha256 of the file>/model`` (built aside and renamed into place with a manifest
     of its file sizes written last, so a half-written or damaged entry is rebuilt, never read) and
     reused by every later run and stage, whatever the file's name or date."""
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise DataError(f"model.init_from={path}: no such file or directory; expected an llmsys export or a "
+                        f"Hugging Face model directory, a GGUF file, or a hub name such as org/model")
     gguf_file = find_gguf(path)
     if gguf_file is None:
         return path
@@ -148,13 +157,19 @@ def export_final(engine: Engine, model_cfg: ModelConfig, out_dir: Path, tokenize
     (config lora rank 0)."""
     check_finite_weights(engine, f"the export {out_dir}", out_dir.parent / "checkpoints")
     state = engine.consolidated_state_dict()
+    failure: Optional[OSError] = None
     if dist.is_main:
         extra = dict(extra)
         if model_cfg.lora.rank:
             state = merge_lora_state(state, model_cfg)
             extra["merged_lora"] = dataclasses.asdict(model_cfg.lora)
-        save_pretrained(state, model_cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
-    barrier()
+        try:
+            save_pretrained(state, model_cfg, out_dir, tokenizer_dir=tokenizer_dir, extra=extra)
+        except OSError as err:  # a full disk: every rank ends with rank 0's message instead of waiting
+            failure = err
+    failure = broadcast_object(failure)  # and the barrier after the write
+    if failure is not None:
+        raise failure
 
 
 @dataclass
@@ -273,6 +288,155 @@ def resume_path(resume: str, ckpt_root: Path) -> Optional[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint directory")
     return path
+
+
+# Settings a resume cannot honour: the data order is a function of (data, seed, global batch, step), and
+# the weights and optimizer state of the checkpoint fix the architecture and precision. The kernel choices
+# of model.* are implementation details and may change; so may paths (a run directory moved or copied
+# elsewhere): what the data is, wherever it lives, is checked by its token cache's key (``data_key``).
+_RESUME_FIXED = ("data.", "model.", "trainer.global_batch_size", "trainer.seed", "trainer.precision", "stage.name")
+_RESUME_FREE = ("data.path", "data.tokenizer", "data.num_proc", "data.cache_dir", "model.init_from",
+                "model.activation_checkpointing", "model.attention", "model.loss", "model.norm", "model.rope",
+                "model.mlp", "model.decode_attention")
+_RESUME_SILENT = ("trainer.resume", "trainer.output_dir")  # differ by nature, change nothing
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_config(cfg: Config, data_key: Optional[str] = None) -> dict:
+    """The resolved config as a checkpoint records it (``trainer_state.json``), for :func:`check_resume_config`;
+    ``data_key`` names the data's content (the key of its token cache) where the stage has one."""
+    return {**dataclasses.asdict(cfg), **({"data_key": data_key} if data_key else {})}
+
+
+def check_resume_config(saved: Optional[dict], cfg: Config, checkpoint: Path,
+                        data_key: Optional[str] = None) -> list[str]:
+    """Compare this run's config with the one ``checkpoint`` was written with (``saved``; None for a
+    checkpoint older than this check). A changed setting the resume cannot honour (the data, the
+    architecture, seed, global batch, precision) raises :class:`~llmsys.distributed.CheckpointError` naming
+    the key; every other change is applied from the resumed step on (the optimizer settings by the engine,
+    see :meth:`~llmsys.distributed.Engine.apply_optim`) and returned, one line per key, for the log."""
+    from llmsys.distributed import CheckpointError
+
+    if saved is None:
+        log.warning("%s records no config (written before llmsys checked resumes): settings changed since "
+                    "then are not checked", checkpoint)
+        return []
+    old, new = _flatten(saved), _flatten(resume_config(cfg, data_key))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _RESUME_SILENT)
+    fixed = [k for k in changed if (k.startswith(_RESUME_FIXED) and not k.startswith(_RESUME_FREE))
+             or (k == "data_key" and k in old)]
+    if fixed:
+        what = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        if "data_key" in fixed:
+            what += " (the data is not the data the checkpoint was trained on: the token cache key differs)"
+        raise CheckpointError(f"{checkpoint}: resuming cannot honour a change of {what}; the checkpoint's data "
+                              f"order and weights depend on it: restore the old value, or start a new run "
+                              f"(another trainer.output_dir) with model.init_from set to an export")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if k != "data_key"]
+
+
+def resume(engine: Engine, path: Path, cfg: Config, *, report: bool = True, data_key: Optional[str] = None,
+           unit: str = "step") -> dict:
+    """Collective. Restore ``engine`` from checkpoint ``path`` after :func:`check_resume_config`; changed
+    optimizer settings are applied (:meth:`~llmsys.distributed.Engine.apply_optim`) and every change is
+    logged (``report``; off for the second engine of a pair), counting in ``unit`` (PPO and GRPO count
+    iterations). The checkpoint's trainer state."""
+    changes: list[str] = []
+    state = engine.load_checkpoint(path, check=lambda saved: changes.extend(
+        check_resume_config(saved.get("config"), cfg, path, data_key)))
+    if any(change.startswith("optim.") for change in changes):
+        engine.apply_optim()
+    if report:
+        for change in changes:
+            log.warning("resume: %s changed since %s; the new value applies from %s %d on",
+                        change, path.name, unit, state["step"])
+        log.info("resumed from %s at %s %d", path, unit, state["step"])
+    return state
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+
+class StopNow(BaseException):
+    """A stop signal arrived where there is nothing to checkpoint (before training), or a second SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (what SLURM, Kubernetes and the launchers send), SIGUSR1 (SLURM's ``--signal=USR1@120``) and
+    a first SIGINT ask a training loop to stop at the end of its current step with a checkpoint: the loop
+    calls :meth:`poll` once per step, every rank learns of a signal any rank received, and all write the
+    checkpoint and return together (the process then exits 0, and a rerun resumes there).
+
+    Outside :meth:`deferred` (loading, tokenising: nothing to checkpoint yet) any of them stops at once,
+    and so does a second SIGINT inside it. A terminal's Ctrl-C reaches torchrun and its workers, and torchrun
+    forwards it again, so a SIGINT within a second of the first counts as the same one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SAME_INTERRUPT_S = 1.0
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._deferring = False
+        self._at = 0.0
+
+    def install(self) -> None:
+        """Take over the three signals (main thread only; the entry point does this once)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if not self._deferring:
+            raise StopNow(signum)
+        if self.received is None:
+            self.received, self._at = signum, now
+            log.warning("received %s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
+                        " (press Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else "")
+        elif signum == signal.SIGINT and now - self._at > self.SAME_INTERRUPT_S:
+            raise StopNow(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator["StopSignals"]:
+        """While training: signals are remembered for :meth:`poll` instead of stopping the process."""
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    def poll(self, dist: DistInfo) -> Optional[str]:
+        """Collective (one small all-reduce per step when there are several ranks). The name of the stop
+        signal any rank has received, else None."""
+        code = self.received or 0
+        if dist.world_size > 1:
+            code = int(all_reduce_max(torch.tensor([code], dtype=torch.int64, device=dist.device))[0])
+        return signal.Signals(code).name if code else None
+
+
+STOP = StopSignals()  # the process's one set of handlers; llmsys.train installs it
+
+
+def stopped_early(signal_name: str, step: int, ckpt_root: Path, logger: Any, dist: DistInfo) -> dict:
+    """What a loop returns when :data:`STOP` ended it after ``step`` (its checkpoint written, unless the
+    step was not finite): the summary, with the checkpoint a rerun resumes from."""
+    logger.close()
+    checkpoint = _last_good(ckpt_root)
+    if dist.is_main:
+        log.warning("%s: stopped after step %d; checkpoint %s; run the same command again to resume",
+                    signal_name, step, checkpoint)
+    return {"stopped": signal_name, "step": step, "checkpoint": checkpoint}
 
 
 # -- metrics over ranks ----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from llmsys.rlhf.rollout import (
     uniform_groups,
 )
 from llmsys.trainers.components import (
+    STOP,
     MetricWindow,
     NumericalGuard,
     OnlineModels,
@@ -69,7 +70,10 @@ from llmsys.trainers.components import (
     online_prompts,
     online_rl_models,
     reduce_sums,
+    resume,
+    resume_config,
     resume_path,
+    stopped_early,
 )
 from llmsys.trainers.observe import MetricsLogger, SampleLog, write_run_config
 
@@ -100,8 +104,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     start = 0
     resume_from = resume_path(tcfg.resume, ckpt_root)
     if resume_from is not None:
-        start = models.actor.load_checkpoint(resume_from)["step"]
-        log.info("resumed from %s at iteration %d", resume_from, start)
+        start = resume(models.actor, resume_from, cfg, unit="iteration")["step"]
     if dist.is_main:
         write_run_config(out, cfg, {"deepspeed_config.json": json.dumps(models.actor.config, indent=2) + "\n"})
     samples = SampleLog(out, enabled=dist.is_main and gcfg.log_samples > 0, start_step=start)
@@ -118,68 +121,72 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         logger.log({"step": 0, **held_out(models, prompts, reward, model_reward, tokenizer, sampling, cfg, dist)})
     guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root)
     started = time.perf_counter()
-    for it in range(start, tcfg.max_steps):
-        # 1. generate: group_size responses per prompt -------------------------------------------
-        indices = next(iter(sampler.micro_batches(it, per_iter, local_prompts, dist.rank, world)))
-        rows = [i for i in indices for _ in range(gcfg.group_size)]
-        t0 = time.perf_counter()
-        generator = torch.Generator(device=dist.device).manual_seed(tcfg.seed * 1_000_003 + it * 1009 + dist.rank)
-        gen, rollout = generate_rollout(models.actor, [prompts.train[i] for i in rows], sampling, generator,
-                                        all_finished=every_rank_finished if world > 1 else None,
-                                        record_logprobs=True)
-        generation_time, t0 = time.perf_counter() - t0, time.perf_counter()
+    with STOP.deferred():  # a stop signal ends the run after its iteration, with a checkpoint
+        for it in range(start, tcfg.max_steps):
+            # 1. generate: group_size responses per prompt -------------------------------------------
+            indices = next(iter(sampler.micro_batches(it, per_iter, local_prompts, dist.rank, world)))
+            rows = [i for i in indices for _ in range(gcfg.group_size)]
+            t0 = time.perf_counter()
+            generator = torch.Generator(device=dist.device).manual_seed(tcfg.seed * 1_000_003 + it * 1009 + dist.rank)
+            gen, rollout = generate_rollout(models.actor, [prompts.train[i] for i in rows], sampling, generator,
+                                            all_finished=every_rank_finished if world > 1 else None,
+                                            record_logprobs=True)
+            generation_time, t0 = time.perf_counter() - t0, time.perf_counter()
 
-        # 2. score: log-probs, the mismatch gate, rewards ----------------------------------------
-        score_rollout(rollout, policy=models.actor, reference=models.reference if gcfg.kl_coef else None,
-                      reward_model=None, critic=None, micro_batch=mb, temperature=sampling.logprob_temperature)
-        mismatch = logprob_mismatch(rollout, all_reduce_sum, all_reduce_max)
-        check_mismatch(mismatch, gcfg, it + 1, rollout, tokenizer)
-        texts = decode_responses(tokenizer, gen)
-        prompt_texts = [prompts.train_texts[i] for i in rows]
-        meta = [{**prompts.train_meta[i], "finished": bool(f)} for i, f in zip(rows, gen.finished.tolist())]
-        if model_reward is not None:
-            model_reward.rollout = rollout
-        scores, by_source = reward(prompt_texts, texts, meta)
-        rollout.scores = scores.to(dist.device) - overlong_penalty(
-            gen.lengths, gcfg.max_new_tokens, gcfg.overlong_buffer, gcfg.overlong_penalty)
+            # 2. score: log-probs, the mismatch gate, rewards ----------------------------------------
+            score_rollout(rollout, policy=models.actor, reference=models.reference if gcfg.kl_coef else None,
+                          reward_model=None, critic=None, micro_batch=mb, temperature=sampling.logprob_temperature)
+            mismatch = logprob_mismatch(rollout, all_reduce_sum, all_reduce_max)
+            check_mismatch(mismatch, gcfg, it + 1, rollout, tokenizer)
+            texts = decode_responses(tokenizer, gen)
+            prompt_texts = [prompts.train_texts[i] for i in rows]
+            meta = [{**prompts.train_meta[i], "finished": bool(f)} for i, f in zip(rows, gen.finished.tolist())]
+            if model_reward is not None:
+                model_reward.rollout = rollout
+            scores, by_source = reward(prompt_texts, texts, meta)
+            rollout.scores = scores.to(dist.device) - overlong_penalty(
+                gen.lengths, gcfg.max_new_tokens, gcfg.overlong_buffer, gcfg.overlong_penalty)
 
-        # 3. advantages --------------------------------------------------------------------------
-        dropped = advantages(rollout, gen, gcfg)
-        score_time, t0 = time.perf_counter() - t0, time.perf_counter()
+            # 3. advantages --------------------------------------------------------------------------
+            dropped = advantages(rollout, gen, gcfg)
+            score_time, t0 = time.perf_counter() - t0, time.perf_counter()
 
-        # 4. update ------------------------------------------------------------------------------
-        skipped_before = models.actor.skipped_steps
-        updated = grpo_update(models, rollout, gcfg, iteration=it, seed=tcfg.seed,
-                              minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
-                              temperature=sampling.logprob_temperature)
-        train_time = time.perf_counter() - t0
-        # An iteration any of whose updates was skipped as non-finite counts as one bad step.
-        guard.observe(it + 1, skipped=models.actor.skipped_steps > skipped_before, loss=updated.get("policy_loss"),
-                      grad_norm=None)
+            # 4. update ------------------------------------------------------------------------------
+            skipped_before = models.actor.skipped_steps
+            updated = grpo_update(models, rollout, gcfg, iteration=it, seed=tcfg.seed,
+                                  minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
+                                  temperature=sampling.logprob_temperature)
+            train_time = time.perf_counter() - t0
+            # An iteration any of whose updates was skipped as non-finite counts as one bad step.
+            guard.observe(it + 1, skipped=models.actor.skipped_steps > skipped_before, loss=updated.get("policy_loss"),
+                          grad_norm=None)
 
-        # 5. observe -----------------------------------------------------------------------------
-        correct = None  # the exact-answer rate, from the reward's own check when it has one
-        if "exact_answer" in by_source:
-            correct = by_source["exact_answer"].double()
-        elif all("answer" in m for m in meta):
-            correct = torch.tensor(exact_answer(prompt_texts, texts, meta), dtype=torch.float64)
-        row = {"step": it + 1, **rollout_stats(rollout, gen, by_source, correct, dropped, gcfg.group_size),
-               **mismatch, **updated, **guard.metrics(), "lr": models.actor.lr, "generation_time": generation_time,
-               "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
-        logger.log(row)
-        logger.advance(it + 1, {"reward": row["reward_mean"], "acc": row.get("accuracy"), "kl": row["kl"]})
-        samples.write([{"step": it + 1, "prompt": prompt_texts[b], "response": texts[b],
-                        "response_ids": gen.tokens[b, :int(gen.lengths[b])].tolist(), "finished": bool(gen.finished[b]),
-                        "reward": float(rollout.scores[b]), **prompts.train_meta[rows[b]]}
-                       for b in range(0, min(gcfg.log_samples * gcfg.group_size, local), gcfg.group_size)])
+            # 5. observe -----------------------------------------------------------------------------
+            correct = None  # the exact-answer rate, from the reward's own check when it has one
+            if "exact_answer" in by_source:
+                correct = by_source["exact_answer"].double()
+            elif all("answer" in m for m in meta):
+                correct = torch.tensor(exact_answer(prompt_texts, texts, meta), dtype=torch.float64)
+            row = {"step": it + 1, **rollout_stats(rollout, gen, by_source, correct, dropped, gcfg.group_size),
+                   **mismatch, **updated, **guard.metrics(), "lr": models.actor.lr, "generation_time": generation_time,
+                   "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
+            logger.log(row)
+            logger.advance(it + 1, {"reward": row["reward_mean"], "acc": row.get("accuracy"), "kl": row["kl"]})
+            samples.write([{"step": it + 1, "prompt": prompt_texts[b], "response": texts[b],
+                            "response_ids": gen.tokens[b, :int(gen.lengths[b])].tolist(), "finished": bool(gen.finished[b]),
+                            "reward": float(rollout.scores[b]), **prompts.train_meta[rows[b]]}
+                           for b in range(0, min(gcfg.log_samples * gcfg.group_size, local), gcfg.group_size)])
 
-        # 6. evaluate, checkpoint ----------------------------------------------------------------
-        done = it + 1
-        if evaluate and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
-            logger.log({"step": done, **held_out(models, prompts, reward, model_reward, tokenizer, sampling, cfg, dist)})
-        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
-            check_finite_weights(models.actor, f"the checkpoint of iteration {done}", ckpt_root)
-            models.actor.save_checkpoint(ckpt_root, done, {}, keep=tcfg.keep_checkpoints)
+            # 6. evaluate, checkpoint ----------------------------------------------------------------
+            done = it + 1
+            if evaluate and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
+                logger.log({"step": done, **held_out(models, prompts, reward, model_reward, tokenizer, sampling, cfg, dist)})
+            stop = STOP.poll(dist)
+            if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps or stop):
+                check_finite_weights(models.actor, f"the checkpoint of iteration {done}", ckpt_root)
+                models.actor.save_checkpoint(ckpt_root, done, {"config": resume_config(cfg)}, keep=tcfg.keep_checkpoints)
+            if stop:
+                return stopped_early(stop, done, ckpt_root, logger, dist)
 
     export_final(models.actor, models.actor_cfg, out / "final", out / "tokenizer", dist,
                  extra={"stage": "grpo", "step": tcfg.max_steps, "precision": tcfg.precision,

@@ -30,13 +30,17 @@ from llmsys.distributed import DistInfo, Engine, barrier
 from llmsys.models import Transformer, count_parameters, flops_per_token, resolve_vocab_size
 from llmsys.models.lora import is_lora_param, lora_parameter_count
 from llmsys.trainers.components import (
+    STOP,
     MetricWindow,
     NumericalGuard,
     check_finite_weights,
     equal_share,
     export_final,
     initial_weights,
+    resume,
+    resume_config,
     resume_path,
+    stopped_early,
 )
 from llmsys.trainers.observe import MetricsLogger, Throughput, device_peak_tflops, write_run_config
 
@@ -129,10 +133,10 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
         data.before_training(engine)
 
     resume_from = resume_path(tcfg.resume, ckpt_root)
-    start_step = 0
+    start_step = tokens_seen = 0  # tokens: all ranks; this rank's count times the world size
     if resume_from is not None:
-        start_step = engine.load_checkpoint(resume_from)["step"]
-        log.info("resumed from %s at step %d", resume_from, start_step)
+        state = resume(engine, resume_from, cfg, data_key=data.cache_dir.name)
+        start_step, tokens_seen = state["step"], state.get("tokens_seen", 0)
     if dist.is_main:
         write_run_config(out, cfg, {"deepspeed_config.json": json.dumps(engine.config, indent=2) + "\n"})
     barrier()
@@ -154,7 +158,6 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
 
     meter = Throughput(fpt, device_peak_tflops(dist.device, tcfg.peak_tflops), dist.world_size)
     sampler = BlockSampler(data.train_size, tcfg.seed)
-    tokens_seen = 0  # all ranks; this rank's count times the world size (exact for fixed-length blocks)
     last_val: Optional[float] = None
     if tcfg.eval_every and start_step == 0:
         val = evaluate(engine, data, cfg, dist)
@@ -166,42 +169,48 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
     guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root)
     bar: dict = {}
     started = time.perf_counter()
-    for step in range(start_step, tcfg.max_steps):
-        meter.start()
-        step_tokens = 0
-        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
-        for indices in sampler.micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size,
-                                             dist.rank, dist.world_size):
-            batch = _to_device(data.collate_train(indices), dist.device)
-            loss, metrics = data.compute_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            parts.append((loss.detach(), {k: v.detach() for k, v in metrics.items()}))  # no graph kept
-            step_tokens += batch["input_ids"].numel() * dist.world_size
-        meter.stop(step_tokens)
-        tokens_seen += step_tokens
-        done = step + 1
-        # A skipped step's numbers stay out of the averages; the guard reports them.
-        guard.observe(done, skipped=engine.last_step_skipped, grad_norm=engine.grad_norm(),
-                      loss=float(torch.stack([part[0] for part in parts]).mean()))
-        if not engine.last_step_skipped:
-            for loss, metrics in parts:
-                window.add(loss, metrics)
+    with STOP.deferred():  # a stop signal ends the run after its step, with a checkpoint
+        for step in range(start_step, tcfg.max_steps):
+            meter.start()
+            step_tokens = 0
+            parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+            for indices in sampler.micro_batches(step, tcfg.global_batch_size, tcfg.micro_batch_size,
+                                                 dist.rank, dist.world_size):
+                batch = _to_device(data.collate_train(indices), dist.device)
+                loss, metrics = data.compute_loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                parts.append((loss.detach(), {k: v.detach() for k, v in metrics.items()}))  # no graph kept
+                step_tokens += batch["input_ids"].numel() * dist.world_size
+            meter.stop(step_tokens)
+            tokens_seen += step_tokens
+            done = step + 1
+            # A skipped step's numbers stay out of the averages; the guard reports them.
+            guard.observe(done, skipped=engine.last_step_skipped, grad_norm=engine.grad_norm(),
+                          loss=float(torch.stack([part[0] for part in parts]).mean()))
+            if not engine.last_step_skipped:
+                for loss, metrics in parts:
+                    window.add(loss, metrics)
 
-        if done % tcfg.log_every == 0 or done == tcfg.max_steps:
-            row = {"step": done, **window.mean(), "lr": engine.lr, "grad_norm": engine.grad_norm(),
-                   **guard.metrics(), **meter.report(), "tokens": tokens_seen}
-            logger.log(row)
-            bar = {"loss": row.get("loss"), "tok/s": row["tokens_per_sec"], "mfu": row["mfu"]}
-        if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
-            val = evaluate(engine, data, cfg, dist)
-            last_val = val["val_loss"]
-            logger.log({"step": done, **val})
-        logger.advance(done, {**bar, "val_loss": last_val})
-        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
-            check_finite_weights(engine, f"the checkpoint of step {done}", ckpt_root)
-            engine.save_checkpoint(ckpt_root, done, {"samples_seen": done * tcfg.global_batch_size},
-                                   keep=tcfg.keep_checkpoints)
+            if done % tcfg.log_every == 0 or done == tcfg.max_steps:
+                row = {"step": done, **window.mean(), "lr": engine.lr, "grad_norm": engine.grad_norm(),
+                       **guard.metrics(), **meter.report(), "tokens": tokens_seen}
+                logger.log(row)
+                bar = {"loss": row.get("loss"), "tok/s": row["tokens_per_sec"], "mfu": row["mfu"]}
+            if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.max_steps):
+                val = evaluate(engine, data, cfg, dist)
+                last_val = val["val_loss"]
+                logger.log({"step": done, **val})
+            logger.advance(done, {**bar, "val_loss": last_val})
+            stop = STOP.poll(dist)
+            if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps or stop):
+                check_finite_weights(engine, f"the checkpoint of step {done}", ckpt_root)
+                engine.save_checkpoint(ckpt_root, done, {"samples_seen": done * tcfg.global_batch_size,
+                                                         "tokens_seen": tokens_seen,
+                                                         "config": resume_config(cfg, data.cache_dir.name)},
+                                       keep=tcfg.keep_checkpoints)
+            if stop:
+                return stopped_early(stop, done, ckpt_root, logger, dist)
 
     export_final(engine, model_cfg, out / "final", data.tokenizer_dir, dist,
                  extra={**data.export_extra, "stage": cfg.stage.name, "step": tcfg.max_steps,

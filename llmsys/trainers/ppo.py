@@ -52,6 +52,7 @@ from llmsys.rlhf.rollout import (
 )
 from llmsys.rlhf.stats import RunningMoments
 from llmsys.trainers.components import (
+    STOP,
     MetricWindow,
     NumericalGuard,
     OnlineModels,
@@ -61,7 +62,10 @@ from llmsys.trainers.components import (
     online_prompts,
     online_rl_models,
     reduce_sums,
+    resume,
+    resume_config,
     resume_path,
+    stopped_early,
 )
 from llmsys.trainers.observe import MetricsLogger, SampleLog, write_run_config
 
@@ -90,12 +94,11 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     start = 0
     resume_from = resume_path(tcfg.resume, ckpt_root / "critic")
     if resume_from is not None:
-        state = critic.load_checkpoint(resume_from)
-        actor.load_checkpoint(ckpt_root / "actor" / resume_from.name)
+        state = resume(critic, resume_from, cfg, report=False)
+        resume(actor, ckpt_root / "actor" / resume_from.name, cfg, unit="iteration")
         kl_ctl.load_state_dict(state["kl_controller"])
         moments.load_state_dict(state["reward_moments"])
         start = state["step"]
-        log.info("resumed from %s at iteration %d", resume_from, start)
     if dist.is_main:
         write_run_config(out, cfg, {"deepspeed_config.json": json.dumps(actor.config, indent=2) + "\n"})
     samples = SampleLog(out, enabled=dist.is_main and pcfg.log_samples > 0, start_step=start)
@@ -108,56 +111,61 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     shaping = ScoreShaping(pcfg.missing_eos_penalty, pcfg.normalize_reward, pcfg.reward_clip)
     guard = NumericalGuard(tcfg.max_bad_steps, ckpt_root / "actor")
     started = time.perf_counter()
-    for it in range(start, tcfg.max_steps):
-        # 1-3. experience: generate, score, shape, advantages --------------------------------------
-        indices = next(iter(sampler.micro_batches(it, pcfg.rollout_batch_size, local, dist.rank, world)))
-        batch_prompts = [prompts.train[i] for i in indices]
-        t0 = time.perf_counter()
-        generator = torch.Generator(device=dist.device).manual_seed(tcfg.seed * 1_000_003 + it * 1009 + dist.rank)
-        gen, rollout = generate_rollout(actor, batch_prompts, sampling, generator,
-                                        all_finished=every_rank_finished if world > 1 else None)
-        generation_time, t0 = time.perf_counter() - t0, time.perf_counter()
-        score_rollout(rollout, policy=actor, reference=models.reference, reward_model=models.reward_model,
-                      critic=critic, micro_batch=mb, temperature=sampling.logprob_temperature)
-        ppo_experience(gen, rollout, shaping=shaping, moments=moments, kl_coef=kl_ctl.value,
-                       kl_estimator=pcfg.kl_estimator, gamma=pcfg.gamma, lam=pcfg.lam, reduce=all_reduce_sum)
-        score_time, t0 = time.perf_counter() - t0, time.perf_counter()
+    with STOP.deferred():  # a stop signal ends the run after its iteration, with a checkpoint
+        for it in range(start, tcfg.max_steps):
+            # 1-3. experience: generate, score, shape, advantages --------------------------------------
+            indices = next(iter(sampler.micro_batches(it, pcfg.rollout_batch_size, local, dist.rank, world)))
+            batch_prompts = [prompts.train[i] for i in indices]
+            t0 = time.perf_counter()
+            generator = torch.Generator(device=dist.device).manual_seed(tcfg.seed * 1_000_003 + it * 1009 + dist.rank)
+            gen, rollout = generate_rollout(actor, batch_prompts, sampling, generator,
+                                            all_finished=every_rank_finished if world > 1 else None)
+            generation_time, t0 = time.perf_counter() - t0, time.perf_counter()
+            score_rollout(rollout, policy=actor, reference=models.reference, reward_model=models.reward_model,
+                          critic=critic, micro_batch=mb, temperature=sampling.logprob_temperature)
+            ppo_experience(gen, rollout, shaping=shaping, moments=moments, kl_coef=kl_ctl.value,
+                           kl_estimator=pcfg.kl_estimator, gamma=pcfg.gamma, lam=pcfg.lam, reduce=all_reduce_sum)
+            score_time, t0 = time.perf_counter() - t0, time.perf_counter()
 
-        # 4. update ------------------------------------------------------------------------------
-        skipped_before = actor.skipped_steps + critic.skipped_steps
-        updated = ppo_update(models, rollout, pcfg, train_actor=it >= pcfg.critic_warmup_iters, iteration=it,
-                             seed=tcfg.seed, minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
-                             temperature=sampling.logprob_temperature)
-        train_time = time.perf_counter() - t0
-        # An iteration any of whose updates was skipped as non-finite counts as one bad step.
-        guard.observe(it + 1, skipped=actor.skipped_steps + critic.skipped_steps > skipped_before,
-                      loss=updated.get("policy_loss", updated["loss"]), grad_norm=None)
+            # 4. update ------------------------------------------------------------------------------
+            skipped_before = actor.skipped_steps + critic.skipped_steps
+            updated = ppo_update(models, rollout, pcfg, train_actor=it >= pcfg.critic_warmup_iters, iteration=it,
+                                 seed=tcfg.seed, minibatch=tcfg.global_batch_size // world, micro_batch=mb, dist=dist,
+                                 temperature=sampling.logprob_temperature)
+            train_time = time.perf_counter() - t0
+            # An iteration any of whose updates was skipped as non-finite counts as one bad step.
+            guard.observe(it + 1, skipped=actor.skipped_steps + critic.skipped_steps > skipped_before,
+                          loss=updated.get("policy_loss", updated["loss"]), grad_norm=None)
 
-        # 5. observe -----------------------------------------------------------------------------
-        responses = decode_responses(tokenizer, gen)
-        prompt_texts = [prompts.train_texts[i] for i in indices]
-        judged = torch.tensor([annotator.score(p, r, f) for p, r, f in zip(prompt_texts, responses,
-                                                                           gen.finished.tolist())],
-                              dtype=torch.float64, device=dist.device)
-        row = {"step": it + 1, **rollout_stats(rollout, gen.lengths, judged), "kl_coef": kl_ctl.value,
-               "value_loss": updated.pop("loss"), **updated, "lr": actor.lr, "generation_time": generation_time,
-               **guard.metrics(), "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
-        kl_ctl.update(row["kl"], pcfg.rollout_batch_size)
-        logger.log(row)
-        logger.advance(it + 1, {"reward": row["reward_mean"], "kl": row["kl"], "len": row["response_length"]})
-        samples.write([{"step": it + 1, "prompt": prompt_texts[b], "response": responses[b],
-                        "response_ids": gen.tokens[b, :int(gen.lengths[b])].tolist(),
-                        "finished": bool(gen.finished[b]), "score": float(rollout.scores[b]),
-                        "annotator": float(judged[b])} for b in range(min(pcfg.log_samples, local))])
+            # 5. observe -----------------------------------------------------------------------------
+            responses = decode_responses(tokenizer, gen)
+            prompt_texts = [prompts.train_texts[i] for i in indices]
+            judged = torch.tensor([annotator.score(p, r, f) for p, r, f in zip(prompt_texts, responses,
+                                                                               gen.finished.tolist())],
+                                  dtype=torch.float64, device=dist.device)
+            row = {"step": it + 1, **rollout_stats(rollout, gen.lengths, judged), "kl_coef": kl_ctl.value,
+                   "value_loss": updated.pop("loss"), **updated, "lr": actor.lr, "generation_time": generation_time,
+                   **guard.metrics(), "score_time": score_time, "train_time": train_time, "elapsed": time.perf_counter() - started}
+            kl_ctl.update(row["kl"], pcfg.rollout_batch_size)
+            logger.log(row)
+            logger.advance(it + 1, {"reward": row["reward_mean"], "kl": row["kl"], "len": row["response_length"]})
+            samples.write([{"step": it + 1, "prompt": prompt_texts[b], "response": responses[b],
+                            "response_ids": gen.tokens[b, :int(gen.lengths[b])].tolist(),
+                            "finished": bool(gen.finished[b]), "score": float(rollout.scores[b]),
+                            "annotator": float(judged[b])} for b in range(min(pcfg.log_samples, local))])
 
-        # 6. checkpoint --------------------------------------------------------------------------
-        done = it + 1
-        if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps):
-            state = {"kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict()}
-            check_finite_weights(actor, f"the actor checkpoint of iteration {done}", ckpt_root / "actor")
-            check_finite_weights(critic, f"the critic checkpoint of iteration {done}", ckpt_root / "actor")
-            actor.save_checkpoint(ckpt_root / "actor", done, state, keep=tcfg.keep_checkpoints)
-            critic.save_checkpoint(ckpt_root / "critic", done, state, keep=tcfg.keep_checkpoints)
+            # 6. checkpoint --------------------------------------------------------------------------
+            done = it + 1
+            stop = STOP.poll(dist)
+            if guard.healthy and ((tcfg.save_every and done % tcfg.save_every == 0) or done == tcfg.max_steps or stop):
+                state = {"kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict(),
+                         "config": resume_config(cfg)}
+                check_finite_weights(actor, f"the actor checkpoint of iteration {done}", ckpt_root / "actor")
+                check_finite_weights(critic, f"the critic checkpoint of iteration {done}", ckpt_root / "actor")
+                actor.save_checkpoint(ckpt_root / "actor", done, state, keep=tcfg.keep_checkpoints)
+                critic.save_checkpoint(ckpt_root / "critic", done, state, keep=tcfg.keep_checkpoints)
+            if stop:
+                return stopped_early(stop, done, ckpt_root / "critic", logger, dist)
 
     export_final(actor, models.actor_cfg, out / "final", out / "tokenizer", dist,
                  extra={"stage": "ppo", "step": tcfg.max_steps, "precision": tcfg.precision,

@@ -9,6 +9,7 @@ import torch
 
 from llmsys.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrainerConfig
 from llmsys.distributed import CheckpointError, DistInfo, Engine, deepspeed_config, latest_checkpoint, lr_multiplier, param_groups
+from llmsys.distributed.engine import _GuardedWrites
 from llmsys.models import Transformer
 
 
@@ -68,6 +69,7 @@ def _engine(crash: bool) -> Engine:
     engine.dist = DistInfo(0, 1, 0, 1, torch.device("cpu"))
     engine.ds_cfg = DeepSpeedConfig()
     engine.engine = _CrashingDeepSpeed(crash)
+    engine._writes = _GuardedWrites(None)
     return engine
 
 

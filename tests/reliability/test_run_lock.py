@@ -3,6 +3,7 @@ holder, and the first completes as if alone."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,14 +14,14 @@ import pytest
 from llmsys.train import EXIT_BUSY, LOCK_FILE
 from tests.trainers.helpers import SMALL, command, metrics, train
 
-STEPS = 30  # long enough to still hold the lock while the second run starts on a loaded machine
+STEPS = 100_000  # never reached: the first run is stopped with SIGTERM once the second has been refused
 
 
 @pytest.mark.slow
 def test_a_second_run_on_a_directory_in_use_exits_at_once_naming_the_first(tmp_path):
     out = tmp_path / "run"
     first_overrides = [f"trainer.output_dir={out}", *SMALL, "stage=pretrain", f"trainer.max_steps={STEPS}",
-                       "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=2"]
+                       "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=1000"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     first = subprocess.Popen(command(first_overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env)
@@ -31,9 +32,10 @@ def test_a_second_run_on_a_directory_in_use_exits_at_once_naming_the_first(tmp_p
             assert first.poll() is None, first.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.2)
-        # Refused with the first's pid proves the overlap: the lock goes when its holder exits.
-        second = train(out, ["stage=pretrain", "trainer.max_steps=2"], check=False, timeout=120)
-        _, first_err = first.communicate(timeout=600)
+        second = train(out, ["stage=pretrain", "trainer.max_steps=2"], check=False, timeout=300)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        first.send_signal(signal.SIGTERM)  # it stops after its step with a checkpoint (test_preemption.py)
+        _, first_err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
@@ -46,13 +48,14 @@ def test_a_second_run_on_a_directory_in_use_exits_at_once_naming_the_first(tmp_p
 
     assert first.returncode == 0, first_err[-3000:]
     rows = [row for row in metrics(out) if "loss" in row]
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))  # one run's lines, in order, no others
-    assert (out / "final" / "model.safetensors").is_file()
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    last = rows[-1]["step"]
+    assert [row["step"] for row in rows] == list(range(1, last + 1))  # one run's lines, in order, no others
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
 
     # The lock went with the first run: the directory is free again (resume=auto continues it).
-    again = train(out, ["stage=pretrain", f"trainer.max_steps={STEPS}"], check=False)
+    again = train(out, ["stage=pretrain", f"trainer.max_steps={last + 2}"], check=False)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_a_lock_held_by_another_process_is_reported_and_released_when_it_exits(tmp_path):
