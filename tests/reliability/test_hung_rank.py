@@ -203,31 +203,39 @@ def test_the_watchdog_leaves_waits_shorter_than_its_timeout_alone():
 # -- the setting reaches every group; a healthy run is untouched -------------------------------------------------
 
 
+_GROUP_TIMEOUTS = """
+import json, torch
+from llmsys.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrainerConfig
+from llmsys.distributed import Engine, init_distributed, shutdown
+from llmsys.models import Transformer
+
+cfg = ModelConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32)
+ds = DeepSpeedConfig(stage=2, timeout_minutes=1)
+dist = init_distributed(ds)
+Engine(lambda: Transformer(cfg), ds=ds, optim=OptimConfig(), trainer=TrainerConfig(global_batch_size=2,
+       micro_batch_size=2), dist=dist, max_steps=2)
+c10d = torch.distributed.distributed_c10d
+print(json.dumps({pg.group_name: pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                  for pg in c10d._world.pg_map}))
+shutdown(dist)
+"""
+
+
 def test_every_process_group_of_an_engine_gets_the_configured_timeout():
     """DeepSpeed creates its groups (data parallel, ZeRO partitions) without a timeout: before llmsys set
-    torch's default they had gloo's 30 minutes whatever ``deepspeed.timeout_minutes`` said."""
-    from unittest import mock
+    torch's default they had gloo's 30 minutes whatever ``deepspeed.timeout_minutes`` said. (In a process of
+    its own: DeepSpeed keeps its groups in module globals, which a later engine in this process would reuse.)"""
+    import json
 
-    from llmsys.config import DeepSpeedConfig, ModelConfig, OptimConfig, TrainerConfig
-    from llmsys.distributed import Engine, init_distributed, shutdown
     from llmsys.distributed.env import BACKSTOP
-    from llmsys.models import Transformer
 
-    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32)
-    c10d = torch.distributed.distributed_c10d
-    # Neither the single-process group's env vars nor torch's default timeout may leak into later tests.
-    with mock.patch.dict(os.environ), mock.patch.object(c10d, "default_pg_timeout", c10d.default_pg_timeout), \
-            mock.patch.object(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout):
-        dist = init_distributed(DeepSpeedConfig(stage=2, timeout_minutes=1))
-        try:
-            Engine(lambda: Transformer(cfg), ds=DeepSpeedConfig(stage=2, timeout_minutes=1), optim=OptimConfig(),
-                   trainer=TrainerConfig(global_batch_size=2, micro_batch_size=2), dist=dist, max_steps=2)
-            groups = list(c10d._world.pg_map)
-            timeouts = {pg.group_name: pg._get_backend(torch.device("cpu")).options._timeout for pg in groups}
-        finally:
-            shutdown(dist)
-    assert len(groups) > 1, timeouts  # the world group and DeepSpeed's own
-    assert set(timeouts.values()) == {timedelta(minutes=1) + BACKSTOP}, timeouts
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", _GROUP_TIMEOUTS], capture_output=True, text=True, timeout=300,
+                          env=dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    timeouts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(timeouts) > 1, timeouts  # the world group and DeepSpeed's own
+    assert set(timeouts.values()) == {(timedelta(minutes=1) + BACKSTOP).total_seconds()}, timeouts
 
 
 @pytest.mark.slow

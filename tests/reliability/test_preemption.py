@@ -22,7 +22,7 @@ from tests.trainers.helpers import SMALL, cleanup_shm, command, free_port, metri
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BASE = [*SMALL, "stage=pretrain", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=1000"]
-SLOW_STEP = ["trainer.global_batch_size=1024", "trainer.micro_batch_size=8"]  # ~1-3 s a step on one core
+SLOW_STEP = ["trainer.global_batch_size=8192", "trainer.micro_batch_size=8"]  # seconds a step, loaded or not
 
 
 def _env(**extra: str) -> dict:
