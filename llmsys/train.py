@@ -122,8 +122,7 @@ def _try_lock(output_dir: Path) -> tuple[Optional[IO[str]], Optional[str]]:
 def run_stage(cfg: DictConfig) -> dict:
     """Validate the composed config, join the process group, lock the output directory and run the
     selected stage's trainer; every failure a user can fix ends in one line and its exit status."""
-    from llmsys.distributed import CheckpointError
-    from llmsys.trainers.components import STOP, NonFiniteError, StopNow
+    from llmsys.trainers.components import STOP, StopNow
 
     STOP.install()
     try:
@@ -133,18 +132,37 @@ def run_stage(cfg: DictConfig) -> dict:
         sys.exit(EXIT_USER_ERROR)
     output_dir = Path(config.trainer.output_dir)
     try:
+        return _run_reporting_errors(config, output_dir)
+    except Exception as err:
+        if STOP.stopped_by is None:
+            raise
+        # A stop signal unwound through library code that raised something else on the way out (datasets'
+        # worker pool raises a TimeoutError while it is torn down): the signal is what happened.
+        _stopped_at_once(config.stage.name, output_dir, StopNow(STOP.stopped_by))
+    except StopNow as stop:
+        _stopped_at_once(config.stage.name, output_dir, stop)
+
+
+def _stopped_at_once(stage: str, output_dir: Path, stop: BaseException) -> None:
+    ckpts = output_dir / "checkpoints"
+    log.error("%s: stopped at once by %s, without writing a checkpoint; %s", stage, stop,
+              f"those in {ckpts} are intact (a rerun resumes from the newest)" if ckpts.is_dir()
+              else "none had been written")
+    sys.exit(128 + stop.signum)
+
+
+def _run_reporting_errors(config: Config, output_dir: Path) -> dict:
+    """:func:`_locked_run`, its failures turned into their exit statuses."""
+    from llmsys.distributed import CheckpointError
+    from llmsys.trainers.components import STOP, NonFiniteError
+
+    try:
         return _locked_run(config, output_dir)
     except NonFiniteError as err:
         log.error("%s: %s", config.stage.name, err)
         sys.exit(EXIT_NON_FINITE)
-    except StopNow as stop:
-        ckpts = output_dir / "checkpoints"
-        log.error("%s: stopped at once by %s, without writing a checkpoint; %s", config.stage.name, stop,
-                  f"those in {ckpts} are intact (a rerun resumes from the newest)" if ckpts.is_dir()
-                  else "none had been written")
-        sys.exit(128 + stop.signum)
     except (*USER_ERRORS, CheckpointError) as err:
-        if _debug():
+        if _debug() or STOP.stopped_by is not None:  # a stop signal is reported as such, by run_stage
             raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""

@@ -388,6 +388,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
+        self.stopped_by: Optional[int] = None  # the signal that raised StopNow, if one did
         self._deferring = False
         self._at = 0.0
 
@@ -399,12 +400,14 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
         if not self._deferring:
+            self.stopped_by = signum  # library code may replace the exception while unwinding (see train.py)
             raise StopNow(signum)
         if self.received is None:
             self.received, self._at = signum, now
             log.warning("received %s: stopping after this step with a checkpoint%s", signal.Signals(signum).name,
                         " (press Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else "")
         elif signum == signal.SIGINT and now - self._at > self.SAME_INTERRUPT_S:
+            self.stopped_by = signum
             raise StopNow(signum)
 
     @contextmanager
