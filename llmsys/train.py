@@ -133,7 +133,7 @@ def run_stage(cfg: DictConfig) -> dict:
     output_dir = Path(config.trainer.output_dir)
     try:
         return _run_reporting_errors(config, output_dir)
-    except Exception as err:
+    except Exception:
         if STOP.stopped_by is None:
             raise
         # A stop signal unwound through library code that raised something else on the way out (datasets'

@@ -60,16 +60,18 @@ class OutputHead(Linear):
         """Per-token ``log p(label)`` and entropy of ``softmax(logits / temperature)``, fp32, shaped like
         ``labels``; both are 0 where the label is ignore_index."""
         valid = labels != IGNORE_INDEX
-        targets = labels.clamp(min=0)
         if self.fused_loss:
             from llmsys.kernels import linear_logprobs
 
-            logp, entropy = linear_logprobs(hidden, self.weight, targets, temperature=temperature)
-        else:
-            log_probs = torch.log_softmax(F.linear(hidden, self.weight).float() / temperature, dim=-1)
-            logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return logp * valid, entropy * valid
+            logp, entropy = linear_logprobs(hidden, self.weight, labels.clamp(min=0), temperature=temperature)
+            return logp * valid, entropy * valid
+        # Eager: the head, the fp32 log-softmax and the entropy only at the labelled positions (a DPO or
+        # RL micro-batch is mostly prompt and padding), scattered back into zeros.
+        log_probs = torch.log_softmax(F.linear(hidden[valid], self.weight).float() / temperature, dim=-1)
+        zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        logp = zeros.masked_scatter(valid, log_probs.gather(-1, labels[valid].unsqueeze(-1)).squeeze(-1))
+        entropy = zeros.masked_scatter(valid, -(log_probs.exp() * log_probs).sum(-1))
+        return logp, entropy
 
 
 class RMSNorm(nn.Module):
@@ -124,15 +126,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class Packing:
-    """Sequence boundaries of a packed row: ``cu_seqlens`` int32 (S + 1,), as flash-attn's varlen API."""
+    """Sequence boundaries of a packed row: ``cu_seqlens`` int32 (S + 1,), as flash-attn's varlen API.
+
+    For SDPA, which has no varlen form, ``chunks`` cuts the row into runs of whole consecutive sequences
+    (greedily, up to ``max(max_seqlen, PACKED_CHUNK_TOKENS)`` tokens each), and attention runs once per
+    chunk with that chunk's own block-diagonal causal mask (``None`` when the chunk is one sequence: plain
+    causal). One mask over the whole packed micro-batch would cost T^2 for T = rows x seq_len tokens; the
+    chunks cost at most T x the chunk size, and no token can see past its sequence either way.
+    """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     positions: torch.Tensor  # (T,) position of each token within its own sequence (RoPE restarts at 0)
-    mask: Optional[torch.Tensor]  # (T, T) block-diagonal causal mask, built only for the SDPA path
+    chunks: Optional[list[tuple[int, int, Optional[torch.Tensor]]]]  # (start, stop, mask), SDPA path only
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, build_mask: bool) -> "Packing":
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, total: int, build_chunks: bool) -> "Packing":
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 or len(cu_seqlens) < 2:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor [0, end_1, ..., total]")
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -140,11 +149,39 @@ class Packing:
             raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu_seqlens.tolist()}")
         seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
         positions = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seq_id]
-        mask = None
-        if build_mask:
-            same = seq_id[:, None] == seq_id[None, :]
-            mask = same & (positions[:, None] >= positions[None, :])
-        return cls(cu_seqlens, int(lengths.max()), positions, mask)
+        max_seqlen = int(lengths.max())
+        chunks = None
+        if build_chunks:
+            chunks = []
+            for start, stop, count in _chunk_bounds(lengths.tolist(), max(max_seqlen, PACKED_CHUNK_TOKENS)):
+                mask = None
+                if count > 1:
+                    sid, pos = seq_id[start:stop], positions[start:stop]
+                    mask = (sid[:, None] == sid[None, :]) & (pos[:, None] >= pos[None, :])
+                chunks.append((start, stop, mask))
+        return cls(cu_seqlens, max_seqlen, positions, chunks)
+
+
+# Chunk size of packed SDPA attention: large enough that a chunk usually holds several short sequences
+# (fewer kernel calls), small enough that the masked L^2 work stays near the per-sequence cost.
+PACKED_CHUNK_TOKENS = 256
+
+
+def _chunk_bounds(lengths: list[int], cap: int) -> list[tuple[int, int, int]]:
+    """(start, stop, number of sequences) of runs of consecutive non-empty sequences, each run as long
+    as fits in ``cap`` tokens (a sequence longer than ``cap`` is a run of its own)."""
+    runs, start, size, count = [], 0, 0, 0
+    for n in lengths:
+        if n == 0:
+            continue
+        if size and size + n > cap:
+            runs.append((start, start + size, count))
+            start, size, count = start + size, 0, 0
+        size += n
+        count += 1
+    if size:
+        runs.append((start, start + size, count))
+    return runs
 
 
 @dataclass
@@ -183,7 +220,7 @@ class Attention(nn.Module):
 
     Packed batches (several sequences concatenated in one row, B == 1) pass ``cu_seqlens`` so that no
     token attends across a sequence boundary: the Triton and flash-attn kernels take it natively,
-    SDPA gets the equivalent block-diagonal causal mask (exact, but O(T^2) memory).
+    SDPA runs once per chunk of whole sequences (``Packing.chunks``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -213,11 +250,16 @@ class Attention(nn.Module):
             return self.wo(self._attend_cached(q, k, v, cache).reshape(B, T, -1))
         if self.impl == "sdpa":
             # SDPA wants (B, H, T, D); enable_gqa broadcasts the kv heads without copying them.
-            mask = None if packing is None else packing.mask
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads,
-            ).transpose(1, 2)
+            # (Its output is (B, T, H, D) in memory, so transposing back costs no copy.)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            gqa = self.n_kv_heads != self.n_heads
+            if packing is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+            else:
+                outs = [F.scaled_dot_product_attention(
+                    q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], attn_mask=mask, is_causal=mask is None,
+                    enable_gqa=gqa).transpose(1, 2) for a, b, mask in packing.chunks]
+                out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         elif self.impl == "triton":
             from llmsys.kernels import flash_attention
 
@@ -323,7 +365,7 @@ class Decoder(nn.Module):
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"a packed batch with cu_seqlens must have batch size 1, got {B}")
-            packing = Packing.from_cu_seqlens(cu_seqlens, T, build_mask=self.cfg.attention == "sdpa")
+            packing = Packing.from_cu_seqlens(cu_seqlens, T, build_chunks=self.cfg.attention == "sdpa")
             if packing.max_seqlen > self.cfg.max_seq_len:
                 raise ValueError(f"a packed sequence of {packing.max_seqlen} tokens exceeds "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")

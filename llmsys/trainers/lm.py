@@ -156,7 +156,8 @@ def train_lm(cfg: Config, dist: DistInfo, data: LMData) -> dict:
     logger = MetricsLogger(out, cfg.logger, enabled=dist.is_main, total_steps=tcfg.max_steps, start_step=start_step,
                            run_config={**dataclasses.asdict(cfg), "n_params": n_params["total"]})
 
-    meter = Throughput(fpt, device_peak_tflops(dist.device, tcfg.peak_tflops), dist.world_size)
+    meter = Throughput(fpt, device_peak_tflops(dist.device, tcfg.peak_tflops, tcfg.precision),
+                       dist.world_size)
     sampler = BlockSampler(data.train_size, tcfg.seed)
     last_val: Optional[float] = None
     if tcfg.eval_every and start_step == 0:

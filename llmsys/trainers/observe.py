@@ -23,27 +23,69 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 
-# Peak dense bf16 tensor-core TFLOP/s per device, from the vendors' data sheets (SXM parts).
-# MFU is reported against these (PaLM's convention); CPUs have no entry: set trainer.peak_tflops.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "A10G": 70.0,
+# Peak dense (no sparsity) TFLOP/s per device from NVIDIA's data sheets, per part: an H100 PCIe is not an SXM.
+# MFU is reported against these (PaLM's convention). Columns: "bf16" (fp16 is the same on every part here),
+# "tf32" (fp32 matmuls on tensor cores) and "fp32" (CUDA cores). A part not listed, or a name that does not say
+# which part it is, gets None (no MFU; set trainer.peak_tflops), never a neighbour's figure.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
+    "L40S": {"bf16": 362.05, "tf32": 183.0, "fp32": 91.6},
 }
+PRECISION_COLUMN = {"bf16": "bf16", "fp16": "bf16", "tf32": "tf32", "fp32": "fp32"}
 
 
-def device_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+def gpu_part(name: str) -> tuple[Optional[str], str]:
+    """The PEAK_TFLOPS part a ``torch.cuda.get_device_name()`` names, or None and why.
+
+    Matched on whole words of the name ("NVIDIA H100 80GB HBM3" -> H100, 80GB, HBM3), so a GH200 is not
+    an H200 and an L40 is not an L40S. The names drivers report: "NVIDIA H200" / "NVIDIA H200 NVL",
+    "NVIDIA H100 80GB HBM3" (SXM5) / "NVIDIA H100 PCIe" / "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB",
+    "NVIDIA A100 80GB PCIe", "NVIDIA L40S". A bare "NVIDIA H100" could be the SXM or the PCIe card: None.
+    """
+    words = set("".join(c if c.isalnum() else " " for c in name.upper()).split())
+    if "H200" in words:
+        return ("H200 NVL" if "NVL" in words else "H200 SXM"), name
+    if "H100" in words:
+        if "PCIE" in words:
+            return "H100 PCIe", name
+        if "NVL" in words:
+            return "H100 NVL", name
+        if words & {"SXM", "SXM5", "HBM3"}:
+            return "H100 SXM", name
+        return None, f"{name!r} does not say whether it is the SXM, PCIe or NVL part (their peaks differ)"
+    for part in ("A100", "L40S"):
+        if part in words:
+            return part, name
+    return None, f"{name!r} is not in llmsys.trainers.observe.PEAK_TFLOPS"
+
+
+def peak_tflops_for(name: str, precision: str) -> tuple[Optional[float], str]:
+    """Dense peak TFLOP/s of the GPU called ``name`` at ``precision`` (bf16, fp16, tf32, fp32), and its
+    source: the part it was read for, or why there is none."""
+    if precision not in PRECISION_COLUMN:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISION_COLUMN)}")
+    part, why = gpu_part(name)
+    if part is None:
+        return None, why
+    return PEAK_TFLOPS[part][PRECISION_COLUMN[precision]], f"PEAK_TFLOPS[{part!r}][{PRECISION_COLUMN[precision]!r}]"
+
+
+def device_peak_tflops(device: torch.device, override: Optional[float], precision: str = "bf16") -> Optional[float]:
+    """The per-device peak MFU is measured against: ``override`` when given, else the table's (None on a CPU
+    or an unknown part, with a warning saying why on a GPU)."""
     if override is not None:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for chip, tflops in PEAK_BF16_TFLOPS.items():
-        if chip in name:
-            return tflops
-    return None
+    peak, source = peak_tflops_for(torch.cuda.get_device_name(device), precision)
+    if peak is None:
+        log.warning("No MFU: %s; set trainer.peak_tflops to the part's dense %s peak", source, precision)
+    return peak
 
 
 def write_run_config(output_dir: Path, config: Config, extra_files: dict[str, str]) -> None:
@@ -133,12 +175,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {k: finite_or_none(v) for k, v in row.items() if v is not None}
+        shown = row
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # This rank's allocator peak so far: what a GPU run really needed (the stages benchmark reads it).
+            row = {**row, "gpu_max_allocated_bytes": torch.cuda.max_memory_allocated()}
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if echo:
-            text = "  ".join(_fmt(k, v) for k, v in row.items())
+            text = "  ".join(_fmt(k, v) for k, v in shown.items())
             if self._progress is not None and self._progress.console.is_terminal:
                 self._progress.console.print(text)
             else:

@@ -3,7 +3,6 @@ is given to a real ``python -m llmsys.train`` and must end in exit status 2 with
 names the key, file, line or field at fault - never a traceback - and must leave a good checkpoint as it was."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
