@@ -78,7 +78,10 @@ setup(
         # selenium (with Debian's chromium and chromium-driver): the ranking page's browser tests; httpx:
         # FastAPI's TestClient.
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "transformers>=4.45", "gguf>=0.13", "accelerate>=1.0",
-                "selenium>=4.20", "httpx>=0.27"],
+                "selenium>=4.20", "httpx>=0.27", "trl>=1.16", "psutil>=5.9"],
+        # benchmarks/peers.py's peer (TRL's SFT, DPO and GRPO beside llmsys) and benchmarks/stages.py's
+        # memory sampling (psutil).
+        "bench": ["trl>=1.16", "psutil>=5.9"],
         # GGUF import: gguf reads and dequantises (0.13: the first to work under numpy 2), transformers the tokenizer.
         "gguf": ["gguf>=0.13", "transformers>=4.45"],
         "gpu": ["flash-attn>=2.6"],

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distributed",),  # the only door to DeepSpeed / torch.distributed
     ("eval",),  # probes, behaviour metrics
     ("trainers",),  # shared components and one module per stage
-    ("train", "pipeline", "chat", "generate", "rank"),  # entry points and the apps on top of the exports
+    ("train", "pipeline", "chat", "generate", "rank", "plan"),  # entry points and the apps on top of the exports
 )
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 SHARED_TRAINER_MODULES = {"lm", "components", "observe"}

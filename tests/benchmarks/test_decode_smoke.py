@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks import run_smoke
 
 REPO = Path(__file__).resolve().parents[2]
 # Generous: the subprocess may have to build llmsys._C first (~70 s cold on 2 cores); cached it takes seconds.
@@ -20,11 +19,8 @@ STAMP_KEYS = ("device", "torch", "triton", "python", "date", "git_commit")
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
-    env = dict(os.environ, OUT=str(out), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "benchmarks/decode.py", "--smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    return proc.returncode, proc.stdout + proc.stderr, out
+    rc, output = run_smoke("decode.py", out, RUN_TIMEOUT_S)
+    return rc, output, out
 
 
 def test_decode_smoke(smoke_run):
