@@ -96,6 +96,13 @@ def _debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("LLMSYS_DEBUG") == "1"
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write(2): the ranks of a run share the stream, and a line written in
+    pieces (print's text, then its newline) can be cut by another rank's."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -166,7 +173,7 @@ def _run_reporting_errors(config: Config, output_dir: Path) -> dict:
             raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
-        print(f"llmsys: {prefix}{_one_line(err)}  (--debug shows the traceback)", file=sys.stderr)
+        say(f"llmsys: {prefix}{_one_line(err)}  (--debug shows the traceback)")
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -209,7 +216,7 @@ def main() -> None:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     error = unknown_override_error(overrides) or composition_error(overrides)
     if error:
-        print(f"llmsys: {error}", file=sys.stderr)
+        say(f"llmsys: {error}")
         sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     _hydra_entry()

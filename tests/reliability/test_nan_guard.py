@@ -30,10 +30,12 @@ def _strict_json(line: str) -> dict:
 def dist():
     """One single-process group for this module (DeepSpeed does not take a second one in a process well).
     Its env vars (RANK, MASTER_PORT, ...) are undone afterwards: the real runs live in test_nan_run.py so
-    that no training process inherits them."""
+    that no training process inherits them. So is ``torch.nn.functional.linear``, which building a ZeRO-3
+    engine replaces with DeepSpeed's own for the rest of the process (the autograd graphs that later tests
+    inspect would change)."""
     from llmsys.distributed import init_distributed, shutdown
 
-    with mock.patch.dict(os.environ):
+    with mock.patch.dict(os.environ), mock.patch.object(torch.nn.functional, "linear", torch.nn.functional.linear):
         info = init_distributed(DeepSpeedConfig(stage=0))
         try:
             yield info
